@@ -1,0 +1,45 @@
+"""memory_plugins: plug-in long-term memories for any PyTorch transformer.
+
+    model = memory_plugins.wrap(model, memory="xl", mem_len=1024)
+    for segment in stream:            # each call is one segment; memory carries over
+        logits = model(segment)
+
+Importing this package loads torch and einops only; host libraries (x-transformers, transformers)
+are imported by their adapter when a model of theirs is wrapped.
+"""
+
+from .config import MemoryConfig
+from .interface import AttentionDims, HostAttention, MemoryAttention, MemoryBackend, MemoryRead, MemoryState
+from .layer import LayerMemory, MemoryController
+from .model import MemoryModel, wrap
+from .registry import create_backend, create_config, get_spec, list_memories, register_memory
+from .runner import SegmentRunner, SegmentOutput
+from .xl import XLConfig, XLMemory
+
+# Built-in memories: one explicit registration per backend.
+register_memory("xl", XLConfig, XLMemory)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AttentionDims",
+    "HostAttention",
+    "LayerMemory",
+    "MemoryAttention",
+    "MemoryBackend",
+    "MemoryConfig",
+    "MemoryController",
+    "MemoryModel",
+    "MemoryRead",
+    "MemoryState",
+    "SegmentOutput",
+    "SegmentRunner",
+    "XLConfig",
+    "XLMemory",
+    "create_backend",
+    "create_config",
+    "get_spec",
+    "list_memories",
+    "register_memory",
+    "wrap",
+]

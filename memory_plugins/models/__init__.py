@@ -1,0 +1,3 @@
+from .reference import Attention, DecoderConfig, ReferenceDecoder
+
+__all__ = ["Attention", "DecoderConfig", "ReferenceDecoder"]
