@@ -130,15 +130,16 @@ class SegmentRunner:
                 aux = self.model.memory_aux_loss()
             token_losses.append(tl)
             aux_terms.append(aux)
-            if i >= first_grad:
+            if i < first_grad:
+                continue
+            if backward:
                 window.append(tl.sum() / denom + aux_weight * aux / len(bounds))
-            last_in_window = (i + 1 - first_grad) % self.bptt_segments == 0 or i == len(bounds) - 1
-            if i >= first_grad and last_in_window:
-                if backward and window:
+            if (i + 1 - first_grad) % self.bptt_segments == 0 or i == len(bounds) - 1:  # window complete
+                if backward:
                     torch.stack(window).sum().backward()
                     token_losses = [x.detach() for x in token_losses]
                     aux_terms = [x.detach() for x in aux_terms]
-                window = [] if backward else window
+                    window = []
                 if self.bptt_segments > 1:
                     self.model.detach_memory()
 
