@@ -36,6 +36,7 @@ def default_logits(out: Any) -> Tensor:
 class SegmentOutput:
     loss: Tensor  # scalar: mean token loss over scored tokens + mean aux loss per segment
     token_loss: Tensor  # (b, T') per-token cross-entropy, 0 where the target is ignored
+    predictions: Tensor  # (b, T') argmax of the logits at every input position
     aux_loss: Tensor  # scalar: the memories' weighted aux losses, mean over segments
     num_tokens: int  # tokens scored
 
@@ -79,6 +80,7 @@ class SegmentRunner:
         *,
         doc_start: Tensor | None = None,
         reset: bool = True,
+        align: str = "start",
         grad_segments: int | None = None,
         backward: bool = False,
         aux_weight: float = 1.0,
@@ -91,6 +93,9 @@ class SegmentRunner:
           has its memory emptied before that segment (within the segment, what the host attends to is
           the host's business).
         * ``reset``: start every sample with an empty memory (a new batch of streams).
+        * ``align``: ``"start"`` cuts segments from the first token (the last one may be short);
+          ``"end"`` cuts them from the last token, so that the final segment is full (tasks whose
+          answer sits at the end, like sorting).
         * ``grad_segments``: only the last k segments are run with gradients; earlier ones only build
           the memory (the paper's sorting setup). None: all segments.
         * ``backward``: call ``backward()`` on each BPTT window's share of the loss as soon as it is
@@ -108,14 +113,17 @@ class SegmentRunner:
             raise ValueError(f"SegmentRunner: doc_start shape {tuple(doc_start.shape)} != tokens shape {tuple(tokens.shape)}")
         b, t = inputs.shape
         n = self.segment_len
-        bounds = [(s, min(s + n, t)) for s in range(0, t, n)]
+        if align not in ("start", "end"):
+            raise ValueError(f"SegmentRunner: align must be 'start' or 'end', got {align!r}")
+        offset = 0 if align == "start" else (t % n) - n if t % n else 0  # first cut, possibly < 0
+        bounds = [(max(s, 0), min(s + n, t)) for s in range(offset, t, n)]
         first_grad = 0 if grad_segments is None else max(len(bounds) - grad_segments, 0)
         total = int((targets != self.ignore_index).sum())
         denom = max(total, 1)
 
         if reset:
             self.model.reset_memory()
-        token_losses, aux_terms, window = [], [], []
+        token_losses, aux_terms, window, predictions = [], [], [], []
         for i, (s, e) in enumerate(bounds):
             if doc_start is not None and i > 0:
                 starting = doc_start[:, s:e].any(dim=1)  # (b,)
@@ -128,6 +136,7 @@ class SegmentRunner:
                     logits.float().transpose(1, 2), targets[:, s:e], ignore_index=self.ignore_index, reduction="none"
                 )  # (b, n)
                 aux = self.model.memory_aux_loss()
+            predictions.append(logits.argmax(dim=-1))  # (b, n)
             token_losses.append(tl)
             aux_terms.append(aux)
             if i < first_grad:
@@ -148,4 +157,6 @@ class SegmentRunner:
         loss = token_loss.sum() / denom + aux_weight * aux_loss
         if backward:
             token_loss, aux_loss, loss = token_loss.detach(), aux_loss.detach(), loss.detach()
-        return SegmentOutput(loss=loss, token_loss=token_loss, aux_loss=aux_loss, num_tokens=total)
+        return SegmentOutput(
+            loss=loss, token_loss=token_loss, predictions=torch.cat(predictions, 1), aux_loss=aux_loss, num_tokens=total
+        )

@@ -24,6 +24,20 @@ def test_streamed_token_loss_equals_one_full_pass() -> None:
     assert out.num_tokens == 300
     assert (out.token_loss - full).abs().max().item() <= 1e-5
     assert abs(out.loss.item() - full.mean().item()) <= 1e-6
+    agree = out.predictions == logits.argmax(-1)
+    assert agree.float().mean() > 0.99  # argmax may flip only on float near-ties
+
+
+def test_end_aligned_segments_keep_the_last_segment_full() -> None:
+    base = _model().eval()
+    tokens = torch.randint(0, 29, (2, 41))
+    full = F.cross_entropy(base(tokens[:, :-1]).transpose(1, 2), tokens[:, 1:], reduction="none")
+    seen = []
+    hook = base.register_forward_pre_hook(lambda m, args: seen.append(args[0].shape[1]))
+    out_end = mp.SegmentRunner(mp.wrap(base, "xl", mem_len=40), segment_len=16)(tokens, align="end")
+    hook.remove()
+    assert seen == [8, 16, 16]
+    assert (out_end.token_loss - full).abs().max().item() <= 1e-5
 
 
 def test_document_start_resets_only_that_sample() -> None:
