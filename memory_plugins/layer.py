@@ -55,6 +55,13 @@ class MemoryController(nn.Module):
         self.writing = True
         self.aux_losses: list[Tensor] = []
 
+    def __getstate__(self) -> dict:
+        # Aux losses of the last forward hold autograd graphs, which copy.deepcopy and pickle refuse;
+        # they belong to that forward only, so a copy starts without them.
+        state = self.__dict__.copy()
+        state["aux_losses"] = []
+        return state
+
     # -- the hot path -------------------------------------------------------------------------
     def step(self, index: int, x: Tensor, q: Tensor | None, host: HostAttention) -> MemoryRead | None:
         if not self.enabled:

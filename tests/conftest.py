@@ -9,6 +9,7 @@ import torch
 # A backend added to the registry must add its entry here (the invariant tests fail loudly otherwise).
 SMALL_OPTIONS: dict[str, dict] = {
     "xl": {"mem_len": 24},
+    "compressive": {"mem_len": 12, "cmem_len": 6, "compression_rate": 2},
 }
 
 

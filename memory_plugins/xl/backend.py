@@ -13,15 +13,19 @@ from ..interface import AttentionDims, HostAttention, MemoryRead, MemoryState
 from .config import XLConfig
 
 
-def fifo_push(mem: Tensor, valid: Tensor, x: Tensor, capacity: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def fifo_push(
+    mem: Tensor, valid: Tensor, x: Tensor, capacity: int, x_valid: Tensor | None = None
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Append ``x`` (b, n, e) to the FIFO and keep the newest ``capacity`` vectors.
 
-    Returns ``(mem, valid, evicted, evicted_valid)``; the evicted vectors (oldest first) are what fell
-    out, so that a second-level memory can take them exactly once.
+    ``x_valid`` (b, n) marks which new vectors hold data (default: all). Returns ``(mem, valid,
+    evicted, evicted_valid)``; the evicted vectors (oldest first) are what fell out, so that a
+    second-level memory can take them exactly once.
     """
-    ones = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)  # (b, n)
+    if x_valid is None:
+        x_valid = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)  # (b, n)
     mem = torch.cat([mem, x], dim=1)  # (b, m + n, e)
-    valid = torch.cat([valid, ones], dim=1)  # (b, m + n)
+    valid = torch.cat([valid, x_valid], dim=1)  # (b, m + n)
     cut = max(mem.shape[1] - capacity, 0)
     return mem[:, cut:], valid[:, cut:], mem[:, :cut], valid[:, :cut]
 

@@ -1,0 +1,4 @@
+from .backend import CompressiveMemory
+from .config import CompressiveConfig
+
+__all__ = ["CompressiveConfig", "CompressiveMemory"]
