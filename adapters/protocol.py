@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import fnmatch
-from typing import Callable, Sequence
+from typing import Sequence
 
 from torch import nn
 
@@ -38,12 +38,19 @@ class ProtocolAdapter:
             found.append(Target(name, m, dims_of(m), HostAttention(dims_of(m), m.project_q, m.project_kv)))
         return found
 
-    def attach(self, model: nn.Module, targets: list[Target], hooks: list[LayerMemory]) -> Callable[[], None]:
+    def attach(self, model: nn.Module, targets: list[Target], hooks: list[LayerMemory]) -> "_ClearHooks":
         for t, hook in zip(targets, hooks):
             t.module.memory_hook = hook
+        return _ClearHooks([t.module for t in targets])
 
-        def detach() -> None:
-            for t in targets:
-                t.module.memory_hook = None
 
-        return detach
+class _ClearHooks:
+    """Removes the hooks again. An object rather than a closure, so that ``copy.deepcopy`` of a wrapped
+    model gives the copy a remover bound to the copy's modules."""
+
+    def __init__(self, modules: list[nn.Module]) -> None:
+        self.modules = modules
+
+    def __call__(self) -> None:
+        for m in self.modules:
+            m.memory_hook = None

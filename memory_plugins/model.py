@@ -32,7 +32,7 @@ class MemoryModel(nn.Module):
         self.memory_config = config
         self.adapter_name = adapter
         self._remove_hooks = remove_hooks
-        self._pre_hook = model.register_forward_pre_hook(_begin_forward(memory))
+        self._pre_hook = model.register_forward_pre_hook(_BeginForward(memory))
         # Base-model keys stay as they were: strip / restore the "model." level around state_dict().
         self._hooks = [
             self.register_state_dict_post_hook(_strip_base_prefix),
@@ -100,11 +100,15 @@ def _already_unwrapped() -> None:
     raise RuntimeError("this MemoryModel was already unwrapped")
 
 
-def _begin_forward(memory: MemoryController) -> Callable[..., None]:
-    def hook(module: nn.Module, args: Any) -> None:
-        memory.begin_forward()
+class _BeginForward:
+    """Pre-hook on the base model. An object, not a closure: ``copy.deepcopy`` of a wrapped model then
+    gives the copy's base model a hook on the copy's controller (a closure would keep the original's)."""
 
-    return hook
+    def __init__(self, memory: MemoryController) -> None:
+        self.memory = memory
+
+    def __call__(self, module: nn.Module, args: Any) -> None:
+        self.memory.begin_forward()
 
 
 def _strip_base_prefix(module: nn.Module, state_dict: dict, prefix: str, local_metadata: dict) -> None:

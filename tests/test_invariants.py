@@ -133,6 +133,20 @@ def test_unwrap_returns_the_original_model_untouched(name: str) -> None:
 
 
 @pytest.mark.parametrize("name", MEMORIES)
+def test_a_deep_copy_is_an_independent_wrapped_model(name: str) -> None:
+    a = _wrapped(name).train()
+    a(torch.randint(0, 37, (2, SEG)))
+    b = copy.deepcopy(a)
+    probe = torch.randint(0, 37, (2, SEG))
+    assert torch.equal(a(probe), b(probe))
+    b_base = b.unwrap()
+    assert all(getattr(m, "memory_hook", None) is None for m in b_base.modules())
+    assert all(getattr(m, "memory_hook", "none") is not None for m in a.model.modules() if hasattr(m, "memory_hook"))
+    a.reset_memory()
+    assert a.memory.states[0] is None and b.memory.states[0] is not None
+
+
+@pytest.mark.parametrize("name", MEMORIES)
 def test_state_dict_keeps_base_keys_and_round_trips(name: str) -> None:
     base = _base()
     base_keys = list(base.state_dict())
