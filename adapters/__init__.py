@@ -93,3 +93,20 @@ def _is_protocol(module: nn.Module) -> bool:
     from memory_plugins.interface import is_memory_attention
 
     return is_memory_attention(module)
+
+
+# Host-library adapters, registered after the fallback so that they are tried before it.
+register_adapter(
+    "x_transformers",
+    _from_library("x_transformers"),
+    "memory_plugins.adapters.x_transformers",
+    "XTransformersAdapter",
+    "x-transformers TransformerWrapper / Decoder: every self-attention block",
+)
+register_adapter(
+    "hf",
+    _from_library("transformers"),
+    "memory_plugins.adapters.hf",
+    "HFAdapter",
+    "Hugging Face transformers: GPT-2, Llama, Qwen2, Mistral decoders (sdpa or eager attention)",
+)

@@ -1,0 +1,583 @@
+"""Adapter for Hugging Face ``transformers`` (≥ 5) decoders: GPT-2, Llama, Qwen2, Mistral.
+
+Notation: b batch, n new tokens of this call, L keys the host already has (cached + new), m memory
+length, h heads, k kv heads, d head dim, e model dim, V vocabulary.
+
+How it hooks in: through transformers' own attention-function interface, never through Cache
+internals. Each targeted attention module gets
+
+* a *view* of the model config as ``module.config`` whose ``_attn_implementation`` names our function
+  registered in ``ALL_ATTENTION_FUNCTIONS`` ("memory_plugins"); every other attribute reads (and
+  writes) through to the model's own config object, which is untouched. The module therefore calls
+  our function with its query / key / value states (after rotary and after the kv-cache update); the
+  function reads the memory, prepends the memory's keys / values (projected with the module's own
+  K/V weights; with rotary positions the memory sits at positions ``-m … -1`` before the segment),
+  extends the mask with the memory's per-sample ``kv_mask`` and calls the model's real implementation
+  (``sdpa`` or ``eager``, read from the model config at every call);
+* a forward pre-hook that keeps the module's input ``x`` (the vectors its K/V projections see) for
+  the function, and a forward hook that adds the memory's ``output`` (∞-former) to the module output.
+
+The model itself gets a pre-hook / hook pair: a forward called *with* a kv cache (``generate()``,
+or a user's own incremental decoding) reads the memory but does not write it, since the cache already
+holds those tokens; and, where asked (:func:`include_memory_aux_loss`, or ``memory_aux_loss=True`` in
+the call), the memory's aux loss is added to ``output.loss``.
+
+GPT-2 has absolute position embeddings. Decision: each segment keeps positions ``0 … n-1`` (so with an
+empty or disabled memory the model is exactly the base model), and memory vectors keep the position
+embedding they had in their own segment, because they are stored after it was added. A stream through
+an XL memory that holds the whole prefix is therefore *exactly* the base model run on the
+concatenated segments with ``position_ids`` restarting at 0 in every segment (tested); it is not the
+base model on the plain concatenation. XL / compressive with GPT-2 are allowed with a one-time
+warning; they need fine-tuning to be useful. Llama / Qwen2 / Mistral use rotary positions, and there
+a stream through such an XL memory equals one full-attention pass (tested).
+
+Refused with a message: other architectures (the error lists the supported ones and points to the
+``MemoryAttention`` protocol), attention implementations other than ``sdpa`` / ``eager``
+(flash / flex kernels cannot take the extended mask), a model that is already hooked, and training
+with gradient checkpointing (its recomputation would read and write the memory twice). Mistral-style
+sliding windows do not apply to the memory's keys (they are always visible).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import sys
+import warnings
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import Tensor, nn
+from transformers import AttentionInterface
+from transformers.cache_utils import Cache
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+from memory_plugins.interface import AttentionDims, HostAttention, MemoryRead
+from memory_plugins.layer import LayerMemory
+
+from . import Target
+from .protocol import select
+
+IMPLEMENTATION = "memory_plugins"  # our name in transformers' attention-function registry
+BASE_IMPLEMENTATIONS = ("sdpa", "eager")
+MEMORY_WEIGHTS = "memory.safetensors"
+MEMORY_CONFIG = "memory_config.json"
+MEMORY_STATE = "memory_state.safetensors"
+
+
+# -- per-architecture table --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """How one architecture's attention looks to us."""
+
+    attention: str  # class name of its self-attention module
+    targets: str  # default targets (glob over module names; all self-attention layers)
+    positions: str  # "absolute" (added to the embeddings) or "rotary" (applied to q / k)
+    projections: str  # "fused_conv1d" (GPT-2 c_attn) or "separate_linear" (q_proj / k_proj / v_proj)
+
+
+ARCHITECTURES: dict[str, ArchSpec] = {
+    "gpt2": ArchSpec("GPT2Attention", "*h.*.attn", "absolute", "fused_conv1d"),
+    "llama": ArchSpec("LlamaAttention", "*layers.*.self_attn", "rotary", "separate_linear"),
+    "qwen2": ArchSpec("Qwen2Attention", "*layers.*.self_attn", "rotary", "separate_linear"),
+    "mistral": ArchSpec("MistralAttention", "*layers.*.self_attn", "rotary", "separate_linear"),
+}
+#: model_type → default target glob (all self-attention modules; cross-attention is never a target)
+DEFAULT_TARGETS: dict[str, str] = {name: spec.targets for name, spec in ARCHITECTURES.items()}
+
+
+def _split_heads(t: Tensor, d: int) -> Tensor:
+    b, n, _ = t.shape
+    return t.view(b, n, -1, d).transpose(1, 2)  # (b, heads, n, d)
+
+
+class _Projections:
+    """Content projections of one attention module: q per query head, k / v per kv head."""
+
+    def __init__(self, module: nn.Module, spec: ArchSpec, dims: AttentionDims) -> None:
+        self.module, self.spec, self.dims = module, spec, dims
+
+    def q(self, x: Tensor) -> Tensor:
+        """``x`` (b, n, e) → (b, h, n, d), no rotary."""
+        m, d = self.module, self.dims.head_dim
+        if self.spec.projections == "fused_conv1d":
+            e = self.dims.embed_dim
+            out = torch.addmm(m.c_attn.bias[:e], x.reshape(-1, x.shape[-1]), m.c_attn.weight[:, :e])  # (b·n, e)
+            return _split_heads(out.view(*x.shape[:-1], e), d)
+        return _split_heads(m.q_proj(x), d)
+
+    def kv_heads(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """``x`` (b, m, e) → keys and values per kv head, two (b, k, m, d), no rotary."""
+        m, d = self.module, self.dims.head_dim
+        if self.spec.projections == "fused_conv1d":
+            e = self.dims.embed_dim
+            out = torch.addmm(m.c_attn.bias[e:], x.reshape(-1, x.shape[-1]), m.c_attn.weight[:, e:])  # (b·m, 2e)
+            k, v = out.view(*x.shape[:-1], 2 * e).split(e, dim=-1)
+            return _split_heads(k, d), _split_heads(v, d)
+        return _split_heads(m.k_proj(x), d), _split_heads(m.v_proj(x), d)
+
+    def kv(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Keys and values per *query* head, two (b, h, m, d) (kv head i serves query heads i·r … i·r+r-1)."""
+        k, v = self.kv_heads(x)  # (b, k, m, d)
+        r = self.dims.num_heads // k.shape[1]
+        if r > 1:
+            k, v = k.repeat_interleave(r, dim=1), v.repeat_interleave(r, dim=1)  # (b, h, m, d)
+        return k, v
+
+
+def _rotate_half(t: Tensor) -> Tensor:
+    t1, t2 = t.chunk(2, dim=-1)
+    return torch.cat([-t2, t1], dim=-1)
+
+
+# -- the per-model and per-layer bindings ------------------------------------------------------------------
+
+
+@dataclass
+class _ModelBinding:
+    """State shared by all layers of one hooked model."""
+
+    config: Any  # the model's own config (attention implementation is read from it at every call)
+    spec: ArchSpec
+    rotary: nn.Module | None  # the model's rotary embedding (rotary architectures)
+    incremental: bool = False  # the current forward was called with a kv cache: read only
+    aux_in_loss: bool = False  # add the memory aux loss to output.loss (include_memory_aux_loss)
+    aux_this_call: bool = False  # memory_aux_loss=True in the current call
+    warned: bool = False
+
+
+@dataclass
+class _LayerBinding:
+    """One attention module: its projections, hook, and what passes between the hooks of one call."""
+
+    name: str
+    module: nn.Module
+    model: _ModelBinding
+    proj: _Projections
+    hook: LayerMemory | None = None
+    x: Tensor | None = None  # (b, n, e) input of the current call
+    reads: list[MemoryRead | None] = field(default_factory=list)
+
+    # -- the attention function ------------------------------------------------------------------
+    def base_function(self, module: nn.Module) -> Callable[..., tuple[Tensor, Any]]:
+        name = self.model.config._attn_implementation
+        if name == "eager":
+            if getattr(module, "reorder_and_upcast_attn", False):  # GPT-2's own eager variant
+                return lambda mod, q, k, v, mask, **kw: mod._upcast_and_reordered_attn(q, k, v, mask)
+            return sys.modules[type(module).__module__].eager_attention_forward
+        if name not in BASE_IMPLEMENTATIONS:
+            raise ValueError(_implementation_error(name))
+        return ALL_ATTENTION_FUNCTIONS[name]
+
+    def attend(
+        self, module: nn.Module, query: Tensor, key: Tensor, value: Tensor, mask: Tensor | None, **kwargs: Any
+    ) -> tuple[Tensor, Any]:
+        """``query`` (b, h, n, d), ``key`` / ``value`` (b, k, L, d): the module's states after rotary and cache."""
+        base = self.base_function(module)
+        memory, x = self.hook, self.x
+        if memory is None or x is None or not memory.controller.enabled:
+            self.reads.append(None)
+            return base(module, query, key, value, mask, **kwargs)
+        rotary = self.model.spec.positions == "rotary"
+        q = self.proj.q(x) if rotary else query  # content queries (b, h, n, d)
+        with memory.controller.frozen() if self.model.incremental else nullcontext():
+            read = memory(x, q)
+        self.reads.append(read)
+        if read is None or read.kv_source is None:
+            return base(module, query, key, value, mask, **kwargs)
+        self._warn_absolute()
+        b, _, n, _ = query.shape
+        length = key.shape[2]  # L
+        source = read.kv_source.to(key.dtype)  # (b, m, e)
+        m = source.shape[1]
+        km, vm = self.proj.kv_heads(source)  # (b, k, m, d)
+        if rotary:
+            km = self._rotate_memory(km, kwargs.get("position_ids"), n, length)
+        key = torch.cat([km.to(key.dtype), key], dim=2)  # (b, k, m + L, d)
+        value = torch.cat([vm.to(value.dtype), value], dim=2)  # (b, k, m + L, d)
+        keep = read.kv_mask if read.kv_mask is not None else key.new_ones(b, m, dtype=torch.bool)  # (b, m)
+        eager = self.model.config._attn_implementation == "eager"
+        mask = _extend_mask(mask, keep, n, length, query.dtype, float_mask=eager)  # (b, 1, n, m + L)
+        return base(module, query, key, value, mask, **kwargs)
+
+    def _rotate_memory(self, km: Tensor, position_ids: Tensor | None, n: int, length: int) -> Tensor:
+        """Rotary for memory keys ``km`` (b, k, m, d) at the m positions just before the segment's first key."""
+        b, _, m, _ = km.shape
+        c = length - n  # keys already cached before this call
+        if position_ids is None:
+            start = torch.full((b, 1), -c, device=km.device, dtype=torch.long)  # segment starts at 0
+        else:
+            start = position_ids[:, :1].to(km.device).long() - c  # (b or 1, 1): position of the first key
+        pos = (start + torch.arange(-m, 0, device=km.device)).expand(b, m)  # (b, m)
+        cos, sin = self.model.rotary(km, pos)  # (b, m, d) each
+        cos, sin = cos[:, None].to(km.dtype), sin[:, None].to(km.dtype)  # (b, 1, m, d)
+        return km * cos + _rotate_half(km) * sin  # (b, k, m, d)
+
+    def _warn_absolute(self) -> None:
+        if self.model.spec.positions != "absolute" or self.model.warned:
+            return
+        self.model.warned = True
+        warnings.warn(
+            "memory_plugins: this model has absolute position embeddings; every segment keeps positions 0..n-1 "
+            "and memory vectors keep the positions of the segment they were written in, so XL / compressive "
+            "memories are not an exact Transformer-XL here (the stream equals the base model on the "
+            "concatenated segments with positions restarting at 0 in each). Fine-tune before relying on it.",
+            UserWarning,
+            stacklevel=3,
+        )
+
+
+def _extend_mask(
+    mask: Tensor | None, keep: Tensor, n: int, length: int, dtype: torch.dtype, *, float_mask: bool
+) -> Tensor:
+    """The host's mask over its L keys, extended to [memory (m) ; L keys]: (b or 1, 1, n, m + L).
+
+    ``mask`` is None (causal over the L keys, the last n of which are the queries), bool (True = attend)
+    or additive float; the result has the same kind (an additive float one when ``float_mask``).
+    """
+    b, m = keep.shape
+    device = keep.device
+    if mask is None:
+        query_pos = torch.arange(length - n, length, device=device)  # (n,) the queries are the last n keys
+        mask = (torch.arange(length, device=device)[None, :] <= query_pos[:, None])[None, None]  # (1, 1, n, L)
+        if float_mask:
+            mask = torch.zeros((), dtype=dtype, device=device).masked_fill(~mask, torch.finfo(dtype).min)
+    mask = mask[..., :length] if mask.shape[-1] > length else mask  # (B, 1, n, L); static caches pad right
+    if mask.dtype == torch.bool:
+        head = keep[:, None, None, :].expand(b, 1, n, m)  # (b, 1, n, m)
+    else:
+        head = torch.zeros((), dtype=mask.dtype, device=device).masked_fill(
+            ~keep[:, None, None, :], torch.finfo(mask.dtype).min
+        ).expand(b, 1, n, m)  # (b, 1, n, m)
+    return torch.cat([head, mask.expand(b, mask.shape[1], n, mask.shape[-1])], dim=-1)  # (b, 1, n, m + L)
+
+
+def _memory_attention(
+    module: nn.Module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None, **kwargs: Any
+) -> tuple[Tensor, Any]:
+    """The function registered as ``"memory_plugins"``; reached only through a hooked module's config view."""
+    binding = getattr(module.config, "memory_binding", None)
+    if binding is None:
+        raise RuntimeError(
+            f"attn_implementation={IMPLEMENTATION!r} is set by memory_plugins.wrap() on the attention modules it "
+            "hooks; do not select it yourself (use 'sdpa' or 'eager' and wrap the model)."
+        )
+    return binding.attend(module, query, key, value, attention_mask, **kwargs)
+
+
+AttentionInterface.register(IMPLEMENTATION, _memory_attention)
+
+
+class _ConfigView:
+    """``module.config`` of a hooked attention module: the model config, but dispatching to us.
+
+    Reads and writes go through to the model's config object (so ``set_attn_implementation`` and any
+    later change still apply); only ``_attn_implementation`` answers our registered name.
+    """
+
+    def __init__(self, base: Any, binding: _LayerBinding) -> None:
+        object.__setattr__(self, "_base", base)
+        object.__setattr__(self, "memory_binding", binding)
+
+    @property
+    def _attn_implementation(self) -> str:
+        return IMPLEMENTATION
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(object.__getattribute__(self, "_base"), name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        setattr(object.__getattribute__(self, "_base"), name, value)
+
+    def __repr__(self) -> str:
+        return f"ConfigView({object.__getattribute__(self, '_base')!r})"
+
+
+# -- hooks (objects, not closures: a deep copy of a wrapped model then hooks the copy's own state) -----------
+
+
+class _LayerPreHook:
+    """Keeps the attention module's input ``x`` (b, n, e) for the attention function."""
+
+    def __init__(self, binding: _LayerBinding) -> None:
+        self.binding = binding
+
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+        self.binding.x = args[0] if args else kwargs.get("hidden_states")  # (b, n, e)
+
+
+class _LayerPostHook:
+    """Adds the memory's ``output`` (b, n, e) to the attention module's output."""
+
+    def __init__(self, binding: _LayerBinding) -> None:
+        self.binding = binding
+
+    def __call__(self, module: nn.Module, args: tuple, output: Any) -> Any:
+        binding = self.binding
+        binding.x = None
+        read = binding.reads.pop() if binding.reads else None
+        binding.reads.clear()
+        if read is None or read.output is None:
+            return None
+        out = output[0]  # (b, n, e)
+        return (out + read.output.to(out.dtype), *output[1:])
+
+
+def _checkpointing(model: nn.Module) -> bool:
+    """Whether activation (gradient) checkpointing is on, under either of transformers' names for it."""
+    for name in ("is_activation_checkpointing", "is_gradient_checkpointing"):
+        if isinstance(getattr(type(model), name, None), property):
+            return bool(getattr(model, name))
+    return False
+
+
+class _ModelPreHook:
+    """A call with a kv cache reads the memory without writing it; ``memory_aux_loss=True`` is ours."""
+
+    def __init__(self, shared: _ModelBinding) -> None:
+        self.shared = shared
+
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict]:
+        if module.training and _checkpointing(module):
+            raise NotImplementedError(
+                "memory_plugins: gradient checkpointing re-runs the attention layers during backward, which would "
+                "read and write the memory a second time; disable it (activation_checkpointing_disable()) while a "
+                "memory is attached (or train with shorter segments instead)."
+            )
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        if cache is None and len(args) > 1 and isinstance(args[1], Cache):
+            cache = args[1]
+        self.shared.incremental = cache is not None
+        self.shared.aux_this_call = bool(kwargs.pop("memory_aux_loss", False))
+        return args, kwargs
+
+
+class _ModelPostHook:
+    """Adds the memory's aux loss to ``output.loss`` where asked."""
+
+    def __init__(self, shared: _ModelBinding, hooks: list[LayerMemory]) -> None:
+        self.shared, self.hooks = shared, hooks
+
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict[str, Any], output: Any) -> Any:
+        shared = self.shared
+        add = shared.aux_in_loss or shared.aux_this_call
+        shared.incremental = shared.aux_this_call = False
+        if not add or not self.hooks or output is None:
+            return None
+        aux = self.hooks[0].controller.aux_loss()
+        if isinstance(output, tuple):  # return_dict=False: the loss, if any, comes first
+            if output and isinstance(output[0], Tensor) and output[0].dim() == 0:
+                return (output[0] + aux.to(output[0]), *output[1:])
+            return None
+        if getattr(output, "loss", None) is not None:
+            output.loss = output.loss + aux.to(output.loss)
+        return output
+
+
+class _Detach:
+    """Removes everything :meth:`HFAdapter.attach` installed and gives the modules their config back."""
+
+    def __init__(self, handles: list, bindings: list[_LayerBinding], configs: list[Any]) -> None:
+        self.handles, self.bindings, self.configs = handles, bindings, configs
+
+    def __call__(self) -> None:
+        for h in self.handles:
+            h.remove()
+        for binding, config in zip(self.bindings, self.configs):
+            binding.module.config = config
+            binding.hook, binding.x = None, None
+            binding.reads.clear()
+
+
+# -- the adapter -----------------------------------------------------------------------------------------------
+
+
+def _implementation_error(name: str) -> str:
+    return (
+        f"memory_plugins' Hugging Face adapter runs on attn_implementation 'sdpa' or 'eager', not {name!r}: "
+        "flash / flex kernels cannot take the memory's extended mask. Load the model with "
+        "attn_implementation='sdpa' (or call model.set_attn_implementation('sdpa')) before wrap()."
+    )
+
+
+def _unsupported(model: nn.Module, model_type: Any) -> TypeError:
+    return TypeError(
+        f"memory_plugins' Hugging Face adapter supports model types {sorted(ARCHITECTURES)}; "
+        f"{type(model).__name__} has model_type={model_type!r}. For another decoder, make its attention modules "
+        "follow the MemoryAttention protocol (memory_plugins.MemoryAttention; example: "
+        "memory_plugins/models/reference.py), or add its entry to ARCHITECTURES in adapters/hf.py."
+    )
+
+
+def _rotary_of(model: nn.Module) -> nn.Module:
+    for name, module in model.named_modules():
+        if name.split(".")[-1] == "rotary_emb":
+            return module
+    raise TypeError(f"memory_plugins: no rotary_emb module found in {type(model).__name__}")
+
+
+class HFAdapter:
+    """Memory through transformers' attention-function interface (see the module docstring)."""
+
+    name = "hf"
+
+    def find(self, model: nn.Module, targets: Sequence[str] | None) -> list[Target]:
+        config = getattr(model, "config", None)
+        model_type = getattr(config, "model_type", None)
+        if model_type not in ARCHITECTURES:
+            raise _unsupported(model, model_type)
+        spec = ARCHITECTURES[model_type]
+        if config._attn_implementation not in BASE_IMPLEMENTATIONS:
+            raise ValueError(_implementation_error(config._attn_implementation))
+        shared = _ModelBinding(config, spec, _rotary_of(model) if spec.positions == "rotary" else None)
+        modules = {
+            n: m
+            for n, m in model.named_modules()
+            if type(m).__name__ == spec.attention and not getattr(m, "is_cross_attention", False)
+        }
+        if not modules:
+            raise _unsupported(model, model_type)
+        defaults = [n for n in modules if fnmatch.fnmatchcase(n, spec.targets)] or list(modules)
+        names = list(modules) if targets is not None else defaults
+        self._bindings: dict[str, _LayerBinding] = {}
+        self._shared = shared
+        found = []
+        for name in select(names, targets, f"{model_type} self-attention"):
+            module = modules[name]
+            if isinstance(module.__dict__.get("config"), _ConfigView):
+                raise ValueError(f"layer {name!r} already has a memory hook: is this model wrapped already?")
+            cfg = module.config
+            heads = int(cfg.num_attention_heads)
+            head_dim = int(getattr(module, "head_dim", cfg.hidden_size // heads))
+            dims = AttentionDims(embed_dim=int(cfg.hidden_size), num_heads=heads, head_dim=head_dim)
+            proj = _Projections(module, spec, dims)
+            self._bindings[name] = _LayerBinding(name, module, shared, proj)
+            found.append(Target(name, module, dims, HostAttention(dims, proj.q, proj.kv)))
+        return found
+
+    def attach(self, model: nn.Module, targets: list[Target], hooks: list[LayerMemory]) -> Callable[[], None]:
+        shared = self._shared
+        bindings = [self._bindings[t.name] for t in targets]
+        handles = [
+            model.register_forward_pre_hook(_ModelPreHook(shared), with_kwargs=True),
+            model.register_forward_hook(_ModelPostHook(shared, hooks), with_kwargs=True, always_call=True),
+        ]
+        configs = []
+        for binding, memory in zip(bindings, hooks):
+            binding.hook = memory
+            module = binding.module
+            configs.append(module.config)
+            module.config = _ConfigView(module.config, binding)
+            handles.append(module.register_forward_pre_hook(_LayerPreHook(binding), with_kwargs=True))
+            handles.append(module.register_forward_hook(_LayerPostHook(binding), always_call=True))
+        return _Detach(handles, bindings, configs)
+
+
+# -- user helpers ------------------------------------------------------------------------------------------------
+
+
+def _base_of(model: nn.Module) -> nn.Module:
+    base = getattr(model, "model", None)
+    if base is None or not hasattr(model, "memory") or getattr(model, "adapter_name", None) != "hf":
+        raise TypeError("expected a Hugging Face model wrapped by memory_plugins.wrap()")
+    return base
+
+
+def include_memory_aux_loss(model: nn.Module, enabled: bool = True) -> None:
+    """Make every forward of the wrapped ``model`` return ``loss = task loss + memory aux loss``.
+
+    For Trainer-style training, where the loss is read from ``output.loss``. A single call can ask
+    for it with ``model(..., labels=..., memory_aux_loss=True)`` instead.
+    """
+    base = _base_of(model)
+    for hook in base._forward_pre_hooks.values():
+        if isinstance(hook, _ModelPreHook):
+            hook.shared.aux_in_loss = bool(enabled)
+            return
+    raise RuntimeError("include_memory_aux_loss: this model's memory hooks are gone (was it unwrapped?)")
+
+
+@torch.no_grad()
+def generate(model: nn.Module, input_ids: Tensor, *, write_memory: bool = True, **kwargs: Any) -> Any:
+    """``model.generate(input_ids, **kwargs)``, then (``write_memory``) the prompt and the generated tokens
+    are written to the memory as one segment, so that the next call continues the stream.
+
+    During generation the memory is read at every step (prompt and generated tokens see the same
+    memory) and not written: the kv cache holds those tokens.
+    """
+    out = model.generate(input_ids, **kwargs)
+    if write_memory:
+        sequences = out if isinstance(out, Tensor) else out.sequences  # (b, t + T)
+        model(sequences, use_cache=False)
+    return out
+
+
+def save_pretrained(
+    model: nn.Module, directory: str | Path, *, save_memory_state: bool = False, **kwargs: Any
+) -> None:
+    """Save the base model with its own ``save_pretrained`` (loadable by ``from_pretrained`` as before)
+    and, beside it, the memory's weights (``memory.safetensors``) and config (``memory_config.json``);
+    ``save_memory_state`` also saves the current stream's memory state (``memory_state.safetensors``).
+    """
+    from safetensors.torch import save_file
+
+    base = _base_of(model)
+    directory = Path(directory)
+    base.save_pretrained(directory, **kwargs)
+    weights = {k: v.detach().cpu().contiguous().clone() for k, v in model.memory.state_dict().items()}
+    save_file(weights, str(directory / MEMORY_WEIGHTS))
+    config = model.memory_config
+    meta = {"memory": type(config).name, "options": asdict(config), "targets": list(model.memory.names)}
+    (directory / MEMORY_CONFIG).write_text(json.dumps(meta, indent=2))
+    if save_memory_state:
+        state = {
+            f"{layer}|{key}": t.cpu().contiguous()
+            for layer, s in model.memory_state().items()
+            if s is not None
+            for key, t in s.items()
+        }
+        save_file(state, str(directory / MEMORY_STATE))
+
+
+def from_pretrained(model_class: Any, directory: str | Path, **kwargs: Any) -> nn.Module:
+    """Load ``model_class.from_pretrained(directory, **kwargs)`` and wrap it with the saved memory (weights,
+    config and, if saved, state)."""
+    from safetensors.torch import load_file
+
+    from memory_plugins.model import wrap
+    from memory_plugins.registry import get_spec
+
+    directory = Path(directory)
+    meta = json.loads((directory / MEMORY_CONFIG).read_text())
+    base = model_class.from_pretrained(directory, **kwargs)
+    fields = get_spec(meta["memory"]).config_cls.option_names()
+    options = {k: tuple(v) if isinstance(v, list) else v for k, v in meta["options"].items() if k in fields}
+    wrapped = wrap(base, meta["memory"], targets=meta["targets"], **options)
+    weights = load_file(str(directory / MEMORY_WEIGHTS), device=str(next(base.parameters()).device))
+    wrapped.memory.load_state_dict(weights, strict=True)
+    state_file = directory / MEMORY_STATE
+    if state_file.exists():
+        flat = load_file(str(state_file))
+        states: dict[str, dict[str, Tensor] | None] = {name: None for name in wrapped.memory.names}
+        for key, t in flat.items():
+            layer, name = key.rsplit("|", 1)
+            states.setdefault(layer, {})
+            states[layer] = {**(states[layer] or {}), name: t}
+        wrapped.set_memory_state(states)
+    return wrapped
+
+
+__all__ = [
+    "ARCHITECTURES",
+    "DEFAULT_TARGETS",
+    "HFAdapter",
+    "from_pretrained",
+    "generate",
+    "include_memory_aux_loss",
+    "save_pretrained",
+]

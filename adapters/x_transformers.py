@@ -1,0 +1,428 @@
+"""Adapter for x-transformers decoders (``TransformerWrapper`` around a ``Decoder``).
+
+Notation: b batch, n segment length (new tokens of this call), c cached tokens of the current segment,
+m memory length, h heads, k kv heads, d head dim, e model dim, V vocabulary.
+
+How it hooks in (no module is replaced, so ``state_dict`` keys and ``isinstance`` checks stay as
+they were): every *self*-attention block of a causal ``AttentionLayers`` stack (chosen by the stack's
+``layer_types``: ``'a'`` is self-attention, ``'c'`` cross-attention, which uses the same class) gets
+
+* a forward pre-hook (``with_kwargs``) that calls the layer's memory hook with the block's attention
+  input ``x`` (after the pre-norm and any token shift) and its content queries, then hands the memory's
+  ``kv_source`` to x-transformers through the block's own ``mem`` argument, the very path its built-in
+  Transformer-XL recurrence uses (the block projects the memory with its own K/V), and the per-sample
+  ``kv_mask`` through the block's key mask (``context_mask`` over [memory ; cache ; segment]). With
+  rotary positions it rebuilds ``rotary_pos_emb`` so that the memory sits at positions ``-m … -1``
+  before the segment, exactly as x-transformers does for its native ``mems``; with ``rel_pos_bias`` /
+  ALiBi / dynamic bias nothing is needed (the bias is built from the key length).
+* a forward hook that adds the memory's ``output`` (the ∞-former's long-term term) to the block's
+  output, before the residual / LayerScale.
+
+Inside an incremental-decoding call (the block receives a kv ``cache``) the memory is read but never
+written: the cache already holds the current segment, the memory holds the segments before it.
+:func:`generate` writes a segment once it is complete. x-transformers' own
+``AutoregressiveWrapper.generate`` works inside ``with model.memory_frozen():`` (its first, uncached
+call would otherwise write the prompt into the memory while the cache also holds it).
+
+Refused, with a message: non-causal stacks (Encoder), stacks that run one attention module several
+times per forward (weight tying / ``layers_execute_order`` repeats), hyper-connection residual streams,
+q/k/v from different residuals, multi-latent attention. Refused when a memory hands K/V sources:
+polar positions, CoPE, data-dependent ALiBi, relative-projection bias, custom ``pos`` and native
+``mems`` (none of them can place memory vectors before the segment). Warned about once: absolute
+position embeddings (the memory keeps the positions of its own segment: not Transformer-XL).
+"""
+
+from __future__ import annotations
+
+import warnings
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from einops import repeat
+from torch import Tensor, nn
+
+import x_transformers.x_transformers as xt
+from memory_plugins.interface import AttentionDims, HostAttention, MemoryRead
+from memory_plugins.layer import LayerMemory
+
+from . import Target
+from .protocol import select
+
+#: Default targets per architecture: every self-attention block of every causal stack.
+DEFAULT_TARGETS: dict[str, str] = {
+    "TransformerWrapper(Decoder)": "attn_layers.layers.<i>.1[.fn…]   (layer_types[i] == 'a')",
+    "Decoder / AttentionLayers(causal=True)": "layers.<i>.1[.fn…]   (layer_types[i] == 'a')",
+    "XTransformer": "decoder.net.attn_layers.layers.<i>.1   (self-attention only; cross-attention untouched)",
+}
+
+
+@dataclass
+class _Layer:
+    """Everything the hooks of one attention block need, and what passes from pre- to post-hook."""
+
+    target: Target
+    stack: nn.Module  # the AttentionLayers holding the block (rotary embedding lives there)
+    wrapper: nn.Module | None  # the TransformerWrapper around the stack, if any (absolute positions)
+    calls: "_StackCall"
+    hook: LayerMemory | None = None
+    reads: list[MemoryRead | None] = field(default_factory=list)  # pre-hook → post-hook, per call
+
+
+@dataclass
+class _StackCall:
+    """What the stack's own forward was called with (set by a pre-hook on the AttentionLayers)."""
+
+    user_pos: bool = False  # the caller passed pos=...: the stack's positions are not ours to rebuild
+    warned: bool = False  # the absolute-positions warning was given for this stack
+
+
+class _StackPreHook:
+    """Forward pre-hook of a stack: note whether the caller chose the positions."""
+
+    def __init__(self, calls: _StackCall) -> None:
+        self.calls = calls
+
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+        self.calls.user_pos = kwargs.get("pos") is not None
+
+
+# -- finding the blocks ----------------------------------------------------------------------------------
+
+
+def _stacks(model: nn.Module) -> list[tuple[str, nn.Module, nn.Module | None]]:
+    """``(name, AttentionLayers, TransformerWrapper or None)`` for every causal stack in ``model``."""
+    names = {id(m): n for n, m in model.named_modules()}
+    wrappers = {id(m.attn_layers): m for m in model.modules() if isinstance(m, xt.TransformerWrapper)}
+    stacks = [(names[id(m)], m, wrappers.get(id(m))) for m in model.modules() if isinstance(m, xt.AttentionLayers)]
+    causal = [s for s in stacks if s[1].causal]
+    if not causal:
+        kinds = sorted({type(s[1]).__name__ for s in stacks}) or ["no AttentionLayers at all"]
+        raise TypeError(
+            f"x-transformers adapter: {type(model).__name__} has no causal attention stack ({kinds}). A memory "
+            "carries a causal stream from segment to segment, so only Decoder stacks (TransformerWrapper with "
+            "attn_layers=Decoder(...)) are supported; other models can follow the MemoryAttention protocol "
+            "(memory_plugins.MemoryAttention; example: memory_plugins/models/reference.py)."
+        )
+    return causal
+
+
+def _attention_in(block: nn.Module) -> nn.Module:
+    """The ``Attention`` inside a layer that may be wrapped in ShiftTokens / LayerScale / Scale."""
+    for m in block.modules():
+        if isinstance(m, xt.Attention):
+            return m
+    raise TypeError(f"x-transformers adapter: no Attention module inside {type(block).__name__}")
+
+
+def _check_stack(name: str, stack: nn.Module) -> None:
+    order = list(stack.layers_execute_order)
+    if len(set(order)) != len(order):
+        raise ValueError(
+            f"x-transformers adapter: stack {name or '<root>'!r} executes some layers more than once per forward "
+            f"(layers_execute_order={tuple(order)}, e.g. weight_tie_layers=True). A memory belongs to one "
+            "attention call per segment, so repeated layers are not supported."
+        )
+    if getattr(stack, "num_residual_streams", 1) > 1:
+        raise ValueError(
+            f"x-transformers adapter: stack {name or '<root>'!r} uses {stack.num_residual_streams} residual streams "
+            "(hyper-connections fold them into the batch), which a per-sample memory cannot follow."
+        )
+
+
+def _check_attention(name: str, attn: nn.Module) -> None:
+    if attn.qkv_receive_diff_residuals:
+        raise ValueError(f"x-transformers adapter: {name!r} takes q/k/v from different residuals; not supported")
+    if attn.use_latent_kv:
+        raise ValueError(f"x-transformers adapter: {name!r} uses multi-latent attention (use_latent_kv); not supported")
+
+
+def _dims(attn: nn.Module) -> AttentionDims:
+    e = attn.to_latent_q.in_features if attn.use_latent_q else attn.to_q.in_features
+    h = int(attn.heads)
+    return AttentionDims(embed_dim=int(e), num_heads=h, head_dim=int(attn.to_q.out_features // h))
+
+
+# -- content projections ---------------------------------------------------------------------------------
+
+
+class _Projector:
+    """The block's content projections, as bound methods (so that a deep copy projects with the copy)."""
+
+    def __init__(self, attn: nn.Module) -> None:
+        self.attn = attn
+
+    def q(self, x: Tensor) -> Tensor:
+        """``x`` (b, n, e) → the block's content queries (b, h, n, d): no rotary, no bias."""
+        attn = self.attn
+        x = attn.to_latent_q(x) if attn.use_latent_q else x
+        q = attn.split_q_heads(attn.to_q(x))  # (b, h, n, d)
+        if attn.qk_norm:
+            q = xt.l2norm(q, groups=attn.qk_norm_groups) * attn.qk_norm_q_scale
+        return attn.q_rmsnorm(q) if attn.q_rmsnorm is not None else q  # (b, h, n, d)
+
+    def kv(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """``x`` (b, m, e) → the block's content keys and values, one per *query* head: two (b, h, m, d)."""
+        attn = self.attn
+        k = attn.split_k_heads(attn.to_k(x))  # (b, k, m, d)
+        v = attn.split_v_heads(attn.to_v(x))  # (b, k, m, d)
+        if attn.qk_norm:
+            k = xt.l2norm(k, groups=attn.qk_norm_groups) * attn.qk_norm_k_scale
+        k = attn.k_rmsnorm(k) if attn.k_rmsnorm is not None else k
+        v = attn.value_rmsnorm(v) if attn.value_rmsnorm is not None else v
+        r = attn.heads // k.shape[1]
+        if r > 1:  # grouped kv heads: x-transformers' Attend repeats them as (r k)
+            k, v = (repeat(t, "b k m d -> b (r k) m d", r=r) for t in (k, v))  # (b, h, m, d)
+        return k, v
+
+
+# -- the hooks ---------------------------------------------------------------------------------------------
+
+
+def _refuse_kv(layer: _Layer, kwargs: dict[str, Any]) -> None:
+    """Raise if this configuration cannot place memory vectors before the segment; warn for abs. positions."""
+    attn, stack, name = layer.target.module, layer.stack, layer.target.name
+    problems = []
+    if getattr(stack, "polar_pos_emb", None) is not None:
+        problems.append("polar positions (polar_pos_emb)")
+    if getattr(attn, "data_dependent_alibi", None) is not None:
+        problems.append("data-dependent ALiBi")
+    if getattr(attn, "rel_proj_pos_bias", None) is not None:
+        problems.append("relative-projection positional bias")
+    if getattr(attn.attend, "cope", None) is not None:
+        problems.append("CoPE")
+    if layer.calls.user_pos:
+        problems.append("custom positions (pos=...)")
+    if kwargs.get("mem") is not None:
+        problems.append("x-transformers' own mems= at the same time")
+    if problems:
+        raise NotImplementedError(
+            f"x-transformers adapter: layer {name!r}: this memory prepends key/value vectors, which cannot be "
+            f"combined with {', '.join(problems)}. Use rotary or relative-bias positions, or a memory without "
+            "K/V sources (memory='continuous' with stm_len=0)."
+        )
+    wrapper = layer.wrapper
+    if not layer.calls.warned and wrapper is not None and not isinstance(wrapper.pos_emb, xt.always):
+        layer.calls.warned = True
+        warnings.warn(
+            f"x-transformers adapter: {type(wrapper).__name__} adds absolute position embeddings "
+            f"({type(wrapper.pos_emb).__name__}); memory vectors keep the positions of the segment they were "
+            "written in while every segment restarts at position 0, so this is not an exact Transformer-XL "
+            "(like x-transformers' own mems with absolute positions). Use rotary_pos_emb=True or "
+            "rel_pos_bias=True (and use_abs_pos_emb=False with ALiBi) for the exact recurrence.",
+            UserWarning,
+            stacklevel=4,
+        )
+
+
+class _PreHook:
+    """Forward pre-hook of a block: read the memory, hand its K/V sources to the block's ``mem`` argument."""
+
+    def __init__(self, layer: _Layer) -> None:
+        self.layer = layer
+
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict] | None:
+        layer = self.layer
+        host = layer.target.host
+        memory = layer.hook
+        if memory is None or not memory.controller.enabled or kwargs.get("context") is not None:
+            layer.reads.append(None)
+            return None
+        x = args[0] if args else kwargs["x"]  # (b, n, e) attention input (after pre-norm / token shift)
+        cache = kwargs.get("cache")
+        # Incremental decoding: the cache holds the current segment, so the memory is only read.
+        with memory.controller.frozen() if cache is not None else nullcontext():
+            read = memory(x, host.project_q(x))  # q: (b, h, n, d)
+        layer.reads.append(read)
+        if read is None or read.kv_source is None:
+            return None
+        _refuse_kv(layer, kwargs)
+        b, n, _ = x.shape
+        source = read.kv_source.to(x.dtype)  # (b, m, e)
+        m = source.shape[1]
+        keep = read.kv_mask if read.kv_mask is not None else x.new_ones(b, m, dtype=torch.bool)  # (b, m)
+        c = cache.cached_kv[0].shape[-2] if cache is not None else 0
+        # The key mask over [memory ; cache ; segment] goes in as the block's self-attention kv mask
+        # (its mem_mask would be padded to m + n only, missing the cached keys).
+        own = kwargs.get("context_mask")  # (b, c + n) from seq_start_pos, or None
+        pad = kwargs.get("mask")  # (b, n) padding mask of the segment, or None
+        if own is None and pad is not None and pad.shape[-1] == c + n:
+            own = pad
+        own = own if own is not None else x.new_ones(b, c + n, dtype=torch.bool)
+        kwargs["mem"], kwargs["mem_mask"] = source, None
+        kwargs["context_mask"] = torch.cat([keep, own.to(torch.bool)], dim=-1)  # (b, m + c + n)
+        rotary = layer.stack.rotary_pos_emb
+        if rotary is not None and kwargs.get("rotary_pos_emb") is not None:
+            pos = torch.arange(-m, c + n, device=x.device)  # (m + c + n,) memory at -m … -1
+            kwargs["rotary_pos_emb"] = rotary(pos)
+        return args, kwargs
+
+
+class _PostHook:
+    """Forward hook of a block: add the memory's output to the block's output."""
+
+    def __init__(self, layer: _Layer) -> None:
+        self.layer = layer
+
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict[str, Any], output: Any) -> Any:
+        layer = self.layer
+        read = layer.reads.pop() if layer.reads else None
+        if read is None or read.output is None:
+            return None
+        out = output[0] if isinstance(output, tuple) else output  # (b, n, e)
+        extra = read.output.to(out.dtype)  # (b, n, e)
+        mask = kwargs.get("mask")
+        if mask is not None and kwargs.get("cache") is None:  # the block zeroes padded positions; so do we
+            extra = extra * mask[..., None].to(out.dtype)
+        out = out + extra
+        return (out, *output[1:]) if isinstance(output, tuple) else out
+
+
+# -- the adapter ---------------------------------------------------------------------------------------------
+
+
+def _is_hooked(module: nn.Module) -> bool:
+    return any(isinstance(h, _PreHook) for h in module._forward_pre_hooks.values())
+
+
+class _Detach:
+    """Removes everything :meth:`XTransformersAdapter.attach` installed (an object, so that a deep copy of a
+    wrapped model removes its own hooks, not the original's)."""
+
+    def __init__(self, handles: list, layers: list[_Layer]) -> None:
+        self.handles, self.layers = handles, layers
+
+    def __call__(self) -> None:
+        for h in self.handles:
+            h.remove()
+        for layer in self.layers:
+            layer.hook = None
+            layer.reads.clear()
+
+
+class XTransformersAdapter:
+    """Memory hooks for every self-attention block of x-transformers' causal stacks."""
+
+    name = "x_transformers"
+
+    def find(self, model: nn.Module, targets: Sequence[str] | None) -> list[Target]:
+        found: dict[str, _Layer] = {}
+        self._stacks: list[tuple[nn.Module, _StackCall]] = []
+        for stack_name, stack, wrapper in _stacks(model):
+            _check_stack(stack_name, stack)
+            calls = _StackCall()
+            self._stacks.append((stack, calls))
+            prefix = f"{stack_name}." if stack_name else ""
+            names = {id(m): n for n, m in stack.named_modules()}
+            for i, kind in enumerate(stack.layer_types):
+                if kind != "a":
+                    continue
+                attn = _attention_in(stack.layers[i][1])
+                name = prefix + names[id(attn)]
+                _check_attention(name, attn)
+                if _is_hooked(attn):
+                    raise ValueError(f"layer {name!r} already has a memory hook: is this model wrapped already?")
+                dims = _dims(attn)
+                proj = _Projector(attn)
+                target = Target(name, attn, dims, HostAttention(dims, proj.q, proj.kv))
+                found[name] = _Layer(target, stack, wrapper, calls)
+        chosen = select(list(found), targets, "x-transformers self-attention")
+        self._layers = {n: found[n] for n in chosen}
+        return [self._layers[n].target for n in chosen]
+
+    def attach(self, model: nn.Module, targets: list[Target], hooks: list[LayerMemory]) -> Callable[[], None]:
+        layers = [self._layers[t.name] for t in targets]
+        used = {id(layer.calls) for layer in layers}
+        handles = [
+            stack.register_forward_pre_hook(_StackPreHook(calls), with_kwargs=True)
+            for stack, calls in self._stacks
+            if id(calls) in used
+        ]
+        for layer, memory in zip(layers, hooks):
+            layer.hook = memory
+            module = layer.target.module
+            handles.append(module.register_forward_pre_hook(_PreHook(layer), with_kwargs=True))
+            handles.append(module.register_forward_hook(_PostHook(layer), with_kwargs=True, always_call=True))
+        return _Detach(handles, layers)
+
+
+# -- generation ----------------------------------------------------------------------------------------------
+
+
+def _logits(out: Any) -> Tensor:
+    return out[0] if isinstance(out, tuple) else out
+
+
+@torch.no_grad()
+def generate(
+    model: nn.Module,
+    prompt: Tensor,
+    max_new_tokens: int,
+    *,
+    segment_len: int,
+    temperature: float = 0.0,
+    filter_logits: Callable[[Tensor], Tensor] | None = None,
+    cache_kv: bool = True,
+) -> Tensor:
+    """Sample ``max_new_tokens`` after ``prompt`` (b, t) from a wrapped x-transformers model; (b, T) new tokens.
+
+    The stream is cut into segments of ``segment_len`` tokens, as when training with
+    :class:`memory_plugins.SegmentRunner`: complete segments of the prompt are written to the memory as
+    usual; the current segment is decoded with a kv cache (``cache_kv``) while the memory is only read
+    (every step, every layer); once a segment is complete it is written to the memory (one forward of
+    the segment) and the next one starts with an empty cache. ``temperature`` 0 is greedy;
+    ``filter_logits`` (e.g. x-transformers' ``top_k``) is applied to the logits (b, V) before sampling.
+    """
+    if not isinstance(segment_len, int) or segment_len < 1:
+        raise ValueError(f"generate: segment_len must be an int >= 1, got {segment_len!r}")
+    if prompt.dim() != 2 or prompt.shape[1] < 1:
+        raise ValueError(f"generate: prompt must be (batch, time) with time >= 1, got shape {tuple(prompt.shape)}")
+    if not hasattr(model, "memory_frozen"):
+        raise TypeError("generate: pass the model returned by memory_plugins.wrap()")
+    was_training = model.training
+    model.eval()
+    try:
+        full = prompt.shape[1] // segment_len * segment_len
+        last: Tensor | None = None  # (b, V) logits for the next token
+        for s in range(0, full, segment_len):  # complete prompt segments: read + write
+            last = _logits(model(prompt[:, s : s + segment_len]))[:, -1]
+        current = prompt[:, full:]  # (b, c) the segment being decoded
+        cache = None
+        if current.shape[1]:
+            last, cache = _step(model, current, None, cache_kv)
+        new = []
+        for _ in range(max_new_tokens):
+            assert last is not None
+            token = _sample(last, temperature, filter_logits)  # (b, 1)
+            new.append(token)
+            current = torch.cat([current, token], dim=1)  # (b, c + 1)
+            if current.shape[1] == segment_len:  # segment complete: write it, start an empty one
+                last = _logits(model(current))[:, -1]
+                current, cache = current[:, :0], None
+            else:
+                last, cache = _step(model, current, cache, cache_kv)
+        return torch.cat(new, dim=1) if new else prompt[:, :0]
+    finally:
+        model.train(was_training)
+
+
+def _step(model: nn.Module, current: Tensor, cache: Any, cache_kv: bool) -> tuple[Tensor, Any]:
+    """Logits (b, V) after ``current`` (b, c) with the memory read-only; the updated kv cache."""
+    with model.memory_frozen():
+        if not cache_kv:
+            return _logits(model(current))[:, -1], None
+        logits, inter = model(current, cache=cache, return_intermediates=True)  # (b, 1 or c, V)
+        return logits[:, -1], inter
+
+
+def _sample(logits: Tensor, temperature: float, filter_logits: Callable[[Tensor], Tensor] | None) -> Tensor:
+    if filter_logits is not None:
+        logits = filter_logits(logits)
+    if temperature == 0.0:
+        return logits.argmax(dim=-1, keepdim=True)  # (b, 1)
+    return torch.multinomial(F.softmax(logits / temperature, dim=-1), 1)  # (b, 1)
+
+
+__all__ = ["DEFAULT_TARGETS", "XTransformersAdapter", "generate"]
