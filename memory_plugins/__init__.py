@@ -15,10 +15,12 @@ from .model import MemoryModel, wrap
 from .registry import create_backend, create_config, get_spec, list_memories, register_memory
 from .runner import SegmentRunner, SegmentOutput
 from .xl import XLConfig, XLMemory
+from .continuous import ContinuousConfig, ContinuousMemory
 from .compressive import CompressiveConfig, CompressiveMemory
 
 # Built-in memories: one explicit registration per backend.
 register_memory("xl", XLConfig, XLMemory)
+register_memory("continuous", ContinuousConfig, ContinuousMemory)
 register_memory("compressive", CompressiveConfig, CompressiveMemory)
 
 __version__ = "0.1.0"
@@ -27,6 +29,8 @@ __all__ = [
     "AttentionDims",
     "CompressiveConfig",
     "CompressiveMemory",
+    "ContinuousConfig",
+    "ContinuousMemory",
     "HostAttention",
     "LayerMemory",
     "MemoryAttention",

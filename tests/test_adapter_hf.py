@@ -44,15 +44,6 @@ ROPE = dict(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layer
             num_key_value_heads=2, max_position_embeddings=128, **TOKENS)  # fmt: skip
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """Tiny models: one intra-op thread is faster, and immune to the stalls two threads suffer on a
-    shared, oversubscribed CPU (seconds per test instead of milliseconds)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def _gpt2_config(attn: str = "sdpa") -> GPT2Config:
     return GPT2Config(vocab_size=V, n_positions=64, n_embd=32, n_layer=2, n_head=2, attn_implementation=attn, **TOKENS)

@@ -38,15 +38,6 @@ POSITIONS = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """Tiny models: one intra-op thread is faster, and immune to the stalls two threads suffer on a
-    shared, oversubscribed CPU (seconds per test instead of milliseconds)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def _net(max_mem_len: int = 0, abs_pos: bool = False, **layers: object) -> TransformerWrapper:
     return TransformerWrapper(

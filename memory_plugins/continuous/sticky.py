@@ -1,0 +1,66 @@
+"""Sticky memories (§3.3, App. B): where the old signal is sampled on the next update.
+
+Notation: b batch, h heads, n queries, D bins, M samples.
+
+The attention a read gave the memory, Σ_heads Σ_queries 𝒩(t; μ, σ²), is binned over D equal bins of
+[0, 1] (Eq. 16; mass outside [0, 1] is dropped and the histogram renormalised). The next update
+samples the old signal at M locations distributed like that histogram, so regions that were
+attended get more of the new signal's room. Sampling inverts the histogram's CDF, interpolating
+linearly inside a bin (the density is taken as uniform within a bin), so locations can fall anywhere
+in [0, 1], not only on bin edges.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .basis import cell_centres
+
+
+def attention_histogram(mu: Tensor, sigma2: Tensor, num_bins: int) -> Tensor:
+    """p(d_j) ∝ Σ_h Σ_i ∫_{d_j} 𝒩(t; μ_{h,i}, σ²_{h,i}) dt (Eqs. 16–17), normalised to sum 1.
+
+    ``mu``, ``sigma2`` (b, h, n) → (b, D) float32. The bin integrals are differences of the normal
+    CDF Φ((edge − μ)/σ) = ½(1 + erf((edge − μ)/(σ√2))). A sample whose attention misses [0, 1]
+    entirely gets the uniform histogram.
+    """
+    mu32, sd = mu.detach().float(), sigma2.detach().float().sqrt()  # (b, h, n), (b, h, n)
+    edges = torch.linspace(0.0, 1.0, num_bins + 1, device=mu.device, dtype=torch.float32)  # (D + 1,)
+    cdf = torch.special.ndtr((edges - mu32[..., None]) / sd[..., None])  # (b, h, n, D + 1)
+    mass = (cdf[..., 1:] - cdf[..., :-1]).sum(dim=(1, 2))  # (b, D)
+    total = mass.sum(dim=-1, keepdim=True)  # (b, 1)
+    uniform = torch.full_like(mass, 1.0 / num_bins)  # (b, D)
+    return torch.where(total > 0, mass / total.clamp_min(torch.finfo(mass.dtype).tiny), uniform)  # (b, D)
+
+
+def uniform_histogram(batch_size: int, num_bins: int, device: torch.device) -> Tensor:
+    """The histogram of a memory that has received no attention yet: (b, D), every bin 1/D."""
+    return torch.full((batch_size, num_bins), 1.0 / num_bins, device=device, dtype=torch.float32)  # (b, D)
+
+
+def sample_locations(
+    hist: Tensor, num_samples: int, mode: str = "quantile", generator: torch.Generator | None = None
+) -> Tensor:
+    """M locations in [0, 1] distributed like ``hist`` (b, D), in increasing order: (b, M) float32.
+
+    ``"quantile"``: the inverse CDF at the cell-centred quantiles u_m = (m + ½)/M (deterministic; with
+    a uniform histogram this is exactly the linear spacing (m + ½)/M). ``"random"``: at M sorted
+    uniform draws. Inside bin j, t = (j + (u − C_j)/p_j)/D with C_j the mass of the bins before j.
+    """
+    b, d = hist.shape
+    p = hist.float().clamp_min(0.0)  # (b, D)
+    p = p / p.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(p.dtype).tiny)  # (b, D)
+    upper = p.cumsum(dim=-1)  # (b, D) C_{j+1}
+    upper[:, -1] = 1.0  # exact total despite rounding
+    lower = upper - p  # (b, D) C_j
+    if mode == "quantile":
+        u = cell_centres(num_samples, 0.0, 1.0, torch.float32).to(hist.device).expand(b, num_samples)  # (b, M)
+    elif mode == "random":
+        u = torch.rand(b, num_samples, device=hist.device, generator=generator).sort(dim=-1).values  # (b, M)
+    else:
+        raise ValueError(f"sample_locations: mode must be 'quantile' or 'random', got {mode!r}")
+    j = torch.searchsorted(upper, u.contiguous(), right=True).clamp(max=d - 1)  # (b, M) bin with C_j ≤ u < C_{j+1}
+    lo, pj = lower.gather(1, j), p.gather(1, j)  # (b, M), (b, M)
+    frac = ((u - lo) / pj.clamp_min(torch.finfo(p.dtype).tiny)).clamp(0.0, 1.0)  # (b, M)
+    return (j.to(torch.float32) + frac) / d  # (b, M)
