@@ -12,7 +12,7 @@ from .config import MemoryConfig
 from .interface import AttentionDims, HostAttention, MemoryAttention, MemoryBackend, MemoryRead, MemoryState
 from .layer import LayerMemory, MemoryController
 from .model import MemoryModel, wrap
-from .registry import create_backend, create_config, get_spec, list_memories, register_memory
+from .registry import create_backend, create_config, get_spec, list_memories, register_memory, unregister_memory
 from .runner import SegmentRunner, SegmentOutput
 from .xl import XLConfig, XLMemory
 from .continuous import ContinuousConfig, ContinuousMemory
@@ -49,5 +49,6 @@ __all__ = [
     "get_spec",
     "list_memories",
     "register_memory",
+    "unregister_memory",
     "wrap",
 ]

@@ -37,6 +37,12 @@ def register_memory(name: str, config_cls: type[MemoryConfig], backend_cls: Call
     _REGISTRY[name] = MemorySpec(name, config_cls, backend_cls)
 
 
+def unregister_memory(name: str) -> None:
+    """Remove ``name`` from the registry (for memories registered temporarily, e.g. in tests)."""
+    get_spec(name)  # unknown name: the usual error
+    del _REGISTRY[name]
+
+
 def list_memories() -> list[str]:
     """Names of the registered memories, sorted."""
     return sorted(_REGISTRY)

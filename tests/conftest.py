@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Iterator
+from dataclasses import dataclass
+from typing import ClassVar, Iterator
 
 import pytest
 import torch
+from torch import Tensor, nn
+
+import memory_plugins as mp
+from memory_plugins import AttentionDims, MemoryConfig, MemoryRead
 
 # Small options per registered memory, so that the registry-wide invariants run fast on 2 CPU cores.
 # A backend added to the registry must add its entry here (the invariant tests fail loudly otherwise).
@@ -29,3 +34,41 @@ def _one_thread() -> Iterator[None]:
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
+
+
+# -- a probe memory for the adapter tests -----------------------------------------------------------
+
+
+@dataclass
+class ProbeConfig(MemoryConfig):
+    name: ClassVar[str] = "_probe"
+
+
+class ProbeMemory(nn.Module):
+    """Records the (x, q) it is given; returns ``output = tanh(x R)`` and no K/V sources."""
+
+    def __init__(self, config: ProbeConfig, dims: AttentionDims, shared: nn.ModuleDict) -> None:
+        super().__init__()
+        self.r = nn.Parameter(torch.randn(dims.embed_dim, dims.embed_dim))
+        self.seen: list[tuple[Tensor, Tensor | None]] = []
+
+    def init_state(self, batch_size: int, device: torch.device, dtype: torch.dtype) -> dict:
+        return {"n": torch.zeros(batch_size, device=device)}
+
+    def read(self, state: dict, x: Tensor, q: Tensor | None) -> MemoryRead:
+        self.seen.append((x, q))
+        return MemoryRead(output=torch.tanh(x @ self.r))  # (b, n, e)
+
+    def write(self, state: dict, x: Tensor, host: object, read: object) -> tuple[dict, None]:
+        return {"n": state["n"] + 1}, None
+
+    def reset(self, state: dict, mask: Tensor) -> dict:
+        return {"n": state["n"] * (~mask)}
+
+
+@pytest.fixture
+def probe() -> Iterator[str]:
+    """Name of a temporarily registered :class:`ProbeMemory`."""
+    mp.register_memory(ProbeConfig.name, ProbeConfig, ProbeMemory)
+    yield ProbeConfig.name
+    mp.unregister_memory(ProbeConfig.name)

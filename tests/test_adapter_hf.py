@@ -6,8 +6,7 @@ Tiny random configs only (no hub access). Notation: b batch, n segment length, V
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
-from typing import Any, Callable, ClassVar, Iterator
+from typing import Any, Callable, Iterator
 
 import pytest
 import torch
@@ -15,9 +14,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import memory_plugins as mp
-from memory_plugins.config import MemoryConfig
-from memory_plugins.interface import AttentionDims, MemoryRead
-from memory_plugins.registry import _REGISTRY
 
 from .conftest import SMALL_OPTIONS
 
@@ -137,42 +133,11 @@ def test_zero_initialised_continuous_memory_gives_the_base_model_on_every_segmen
     assert wrapped.memory.state_size() > 0  # it was written all along
 
 
-@dataclass
-class ProbeConfig(MemoryConfig):
-    name: ClassVar[str] = "_probe_hf"
-
-
-class ProbeMemory(nn.Module):
-    """Records the queries it is given; returns ``output = tanh(x R)`` and no K/V sources."""
-
-    def __init__(self, config: ProbeConfig, dims: AttentionDims, shared: nn.ModuleDict) -> None:
-        super().__init__()
-        self.r = nn.Parameter(torch.randn(dims.embed_dim, dims.embed_dim))
-        self.seen: list[tuple[Tensor, Tensor]] = []
-
-    def init_state(self, batch_size: int, device: torch.device, dtype: torch.dtype) -> dict:
-        return {"n": torch.zeros(batch_size, device=device)}
-
-    def read(self, state: dict, x: Tensor, q: Tensor | None) -> MemoryRead:
-        self.seen.append((x, q))
-        return MemoryRead(output=torch.tanh(x @ self.r))  # (b, n, e)
-
-    def write(self, state: dict, x: Tensor, host: object, read: object) -> tuple[dict, None]:
-        return {"n": state["n"] + 1}, None
-
-    def reset(self, state: dict, mask: Tensor) -> dict:
-        return {"n": state["n"] * (~mask)}
-
-
 @pytest.mark.parametrize("host", ["gpt2", "llama"])
-def test_output_memory_gets_the_modules_content_queries_and_adds_to_its_output(host: str) -> None:
-    mp.register_memory(ProbeConfig.name, ProbeConfig, ProbeMemory)
-    try:
-        base = _host(host)
-        reference = copy.deepcopy(base)
-        wrapped = mp.wrap(base, ProbeConfig.name)
-    finally:
-        _REGISTRY.pop(ProbeConfig.name)
+def test_output_memory_gets_the_modules_content_queries_and_adds_to_its_output(host: str, probe: str) -> None:
+    base = _host(host)
+    reference = copy.deepcopy(base)
+    wrapped = mp.wrap(base, probe)
     seg = torch.randint(2, V, (2, N))
     modules = dict(reference.named_modules())
     with torch.no_grad():

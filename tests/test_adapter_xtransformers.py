@@ -9,17 +9,12 @@ import copy
 import subprocess
 import sys
 import warnings
-from dataclasses import dataclass
-from typing import ClassVar, Iterator
 
 import pytest
 import torch
 from torch import Tensor, nn
 
 import memory_plugins as mp
-from memory_plugins.config import MemoryConfig
-from memory_plugins.interface import AttentionDims, MemoryRead
-from memory_plugins.registry import _REGISTRY
 
 from .conftest import SMALL_OPTIONS
 
@@ -140,40 +135,6 @@ def test_targets_are_the_self_attention_blocks_by_layer_type() -> None:
 
 
 # -- every backend: queries, outputs, masks ------------------------------------------------------------------
-
-
-@dataclass
-class ProbeConfig(MemoryConfig):
-    name: ClassVar[str] = "_probe_xt"
-
-
-class ProbeMemory(nn.Module):
-    """Records the queries it is given; returns ``output = tanh(x R)`` and no K/V sources."""
-
-    def __init__(self, config: ProbeConfig, dims: AttentionDims, shared: nn.ModuleDict) -> None:
-        super().__init__()
-        self.r = nn.Parameter(torch.randn(dims.embed_dim, dims.embed_dim))
-        self.seen: list[tuple[Tensor, Tensor]] = []
-
-    def init_state(self, batch_size: int, device: torch.device, dtype: torch.dtype) -> dict:
-        return {"n": torch.zeros(batch_size, device=device)}
-
-    def read(self, state: dict, x: Tensor, q: Tensor | None) -> MemoryRead:
-        self.seen.append((x, q))
-        return MemoryRead(output=torch.tanh(x @ self.r))  # (b, n, e)
-
-    def write(self, state: dict, x: Tensor, host: object, read: object) -> tuple[dict, None]:
-        return {"n": state["n"] + 1}, None
-
-    def reset(self, state: dict, mask: Tensor) -> dict:
-        return {"n": state["n"] * (~mask)}
-
-
-@pytest.fixture
-def probe() -> Iterator[str]:
-    mp.register_memory(ProbeConfig.name, ProbeConfig, ProbeMemory)
-    yield ProbeConfig.name
-    _REGISTRY.pop(ProbeConfig.name)
 
 
 @pytest.mark.parametrize("kv_heads", [2, 1])
