@@ -13,6 +13,8 @@ Notation: B sequences, T sequence length, S = 20 symbols.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from dataclasses import dataclass
 
 import torch
@@ -112,11 +114,12 @@ def score(preds: Tensor, target: Tensor) -> Score:
     return Score(float(per_seq.mean()), ci(per_seq), float(exact.mean()), ci(exact))
 
 
-def oracle_scores(batch: SortingBatch, window: int) -> dict[str, Score]:
-    """The full-count oracle (counts the whole sequence: the upper bound) and the window oracle (counts
-    only the last ``window`` tokens: what a model without long-term memory could know)."""
+def oracle_scores(batch: SortingBatch, window: int | Sequence[int]) -> dict[str, Score]:
+    """The full-count oracle (counts the whole sequence: the upper bound) and one window oracle per
+    ``window`` (counts only the last W tokens: what a model that sees only them could know)."""
     target = batch.tokens[:, batch.length + 1 :]  # (B, S)
-    return {
-        "full-count oracle": score(teacher_forced_predictions(batch.counts, target), target),
-        f"window oracle (W={window})": score(teacher_forced_predictions(window_counts(batch, window), target), target),
-    }
+    windows = (window,) if isinstance(window, int) else tuple(window)
+    scores = {"full-count oracle": score(teacher_forced_predictions(batch.counts, target), target)}
+    for w in windows:
+        scores[f"window oracle (W={w})"] = score(teacher_forced_predictions(window_counts(batch, w), target), target)
+    return scores
