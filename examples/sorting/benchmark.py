@@ -183,6 +183,7 @@ def train_one(preset_name: str, preset: Preset, memory: str, length: int, seed: 
         "train_seconds": time.perf_counter() - t0, "data_seeds": [10_000 + length, 20_000 + length, 30_000 + length],
     }
     result_file.write_text(json.dumps(result, indent=1))
+    torch.save(model.state_dict(), run / "model.pt")  # final weights, for examples/sorting/diagnose.py
     ckpt.unlink(missing_ok=True)
     return result
 
