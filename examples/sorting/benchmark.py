@@ -69,7 +69,7 @@ PRESETS: dict[str, Preset] = {
     # 700 steps of batch 16 per run, lr 3e-3 (measured at T = 256: XL 43.0% at 3e-3 vs 42.4% at 1e-3
     # after 800 steps); two processes of one thread each finish the grid in about an hour.
     "cpu": Preset(lengths=(256, 512, 1024), segment=64, memories=ALL_MEMORIES, n_train=4000, epochs=2.8, lr=3e-3),
-    "quick": Preset(lengths=(256,), segment=64, memories=("none", "xl", "continuous"), n_train=3200, epochs=1.0,
+    "quick": Preset(lengths=(256,), segment=64, memories=("none", "xl", "continuous"), n_train=3200, epochs=2.0,
                     n_valid=100, n_test=200, lr=3e-3, evals=2),
 }
 
@@ -240,6 +240,7 @@ def main() -> None:
     parser.add_argument("--preset", choices=sorted(PRESETS), default="quick")
     parser.add_argument("--memories", nargs="*", help=f"subset of {list(ALL_MEMORIES)}")
     parser.add_argument("--lengths", nargs="*", type=int)
+    parser.add_argument("--epochs", type=float, help="override the preset's epochs (longer or shorter training)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", type=Path)
@@ -250,6 +251,8 @@ def main() -> None:
         preset.memories = tuple(args.memories)
     if args.lengths:
         preset.lengths = tuple(args.lengths)
+    if args.epochs:
+        preset.epochs = args.epochs
     out = args.out or Path("runs/sorting") / args.preset
     out.mkdir(parents=True, exist_ok=True)
     device = torch.device(args.device)

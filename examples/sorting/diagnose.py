@@ -11,7 +11,8 @@ For each finished continuous run of ``examples/sorting/benchmark.py`` (its ``mod
    axis: older is further left), summed over heads and layers, in 10 bins; and the median σ.
 3. Reconstruction error of the signal by age (linear sampling only, where a vector's position is known
    exactly: a chunk that entered k updates ago sits in (τ^{k+1}, τ^k]): ‖ψ(t)ᵀB − x̃‖ / ‖x̃‖ for the
-   gated vectors x̃ that entered the LTM.
+   gated vectors x̃ that entered the LTM, and the same for the chunk's mean vector (what counting
+   needs: the basis keeps a chunk's average, not every token).
 
 Prints a table per run and writes ``diagnose.json`` beside the run's ``result.json``.
 """
@@ -87,6 +88,7 @@ def diagnose(run: Path, n: int) -> dict:
     sigma_median = float(torch.cat(sigmas).median())
 
     recon: dict[int, list[float]] = {}
+    recon_mean_of_chunk: dict[int, list[float]] = {}  # what counting needs: the chunk's average
     if not backends[0].config.sticky:
         for b, layer in zip(backends, updates):
             centres, widths = b.cache.basis(torch.device("cpu"))  # (N,), (N,)
@@ -98,12 +100,15 @@ def diagnose(run: Path, n: int) -> dict:
                 t = tau + (1 - tau) * (torch.arange(p, dtype=torch.float64) + 0.5) / p  # (P,)
                 t = t * tau**k  # (P,) contracted once per later update
                 fit = basis_values(t, centres.double(), widths.double()).float() @ coef  # (B, P, e)
-                err = (fit - x).norm(dim=-1) / x.norm(dim=-1).clamp_min(1e-12)  # (B, P)
+                err = (fit - x).norm(dim=-1) / x.norm(dim=-1).clamp_min(1e-12)  # (B, P) per vector
+                mean_err = (fit - x).mean(1).norm(dim=-1) / x.mean(1).norm(dim=-1).clamp_min(1e-12)  # (B,) chunk mean
                 recon.setdefault(k, []).append(float(err.mean()))
+                recon_mean_of_chunk.setdefault(k, []).append(float(mean_err.mean()))
     recon_mean = {k: sum(v) / len(v) for k, v in sorted(recon.items())}
+    chunk_mean = {k: sum(v) / len(v) for k, v in sorted(recon_mean_of_chunk.items())}
     return {"run": str(run), "memory": memory, "length": length, "n": n, "accuracy": as_trained,
             "accuracy_ltm_ablated": ablated, "mu_mass_by_decile": mass.tolist(), "sigma_median": sigma_median,
-            "recon_error_by_age": recon_mean}
+            "recon_error_by_age": recon_mean, "chunk_mean_error_by_age": chunk_mean}
 
 
 def main() -> None:
@@ -121,8 +126,10 @@ def main() -> None:
         print("ranking queries' attention mass over the LTM's [0, 1] (old → new): "
               + " ".join(f"{100 * m:.0f}" for m in d["mu_mass_by_decile"]) + f" %; median σ {d['sigma_median']:.3f}")
         if d["recon_error_by_age"]:
-            print("relative reconstruction error by age (updates): "
+            print("relative reconstruction error by age (updates), per vector: "
                   + ", ".join(f"{k}: {v:.2f}" for k, v in d["recon_error_by_age"].items()))
+            print("                                       of the chunk's mean: "
+                  + ", ".join(f"{k}: {v:.2f}" for k, v in d["chunk_mean_error_by_age"].items()))
 
 
 if __name__ == "__main__":
