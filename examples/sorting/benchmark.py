@@ -10,7 +10,7 @@ with 95% intervals over the test set. Earlier segments only build the memory (no
 authors trained); the last segment — end-aligned so that it is full and holds the separator and the
 targets — is trained. Runs are resumable: finished runs are read back from their JSON, unfinished ones
 continue from their last checkpoint. Outputs go to ``--out`` (default ``runs/sorting/<preset>``):
-one JSON per run, ``table.md``, ``results.json`` and ``accuracy.png``.
+one JSON per run, ``table.md``, ``results.json``, ``accuracy.png`` and ``curves.png`` (learning curves).
 """
 
 from __future__ import annotations
@@ -218,7 +218,7 @@ def plot(preset: Preset, results: list[dict], oracles: dict[int, dict], path: Pa
     except ImportError:
         print("matplotlib not installed: no plot")
         return
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = plt.subplots(figsize=(8, 4))
     for memory in preset.memories:
         pts = sorted((r["length"], r["test"]["accuracy"]) for r in results if r["memory"] == memory)
         if pts:
@@ -230,9 +230,22 @@ def plot(preset: Preset, results: list[dict], oracles: dict[int, dict], path: Pa
     ax.set_xscale("log", base=2)
     ax.set_xlabel("sequence length T")
     ax.set_ylabel("token accuracy (teacher-forced)")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+    # learning curves: validation accuracy against training step, one panel per length
+    fig, axes = plt.subplots(1, len(preset.lengths), figsize=(4 * len(preset.lengths), 3.2), squeeze=False)
+    for ax, t in zip(axes[0], preset.lengths):
+        for memory in preset.memories:
+            r = next((r for r in results if r["memory"] == memory and r["length"] == t), None)
+            if r and r["curve"]:
+                ax.plot([c["step"] for c in r["curve"]], [c["valid_accuracy"] for c in r["curve"]], marker=".", label=memory)
+        ax.set_title(f"T = {t}")
+        ax.set_xlabel("step")
+    axes[0][0].set_ylabel("validation token accuracy")
+    axes[0][-1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path.with_name("curves.png"), dpi=120)
 
 
 def main() -> None:
