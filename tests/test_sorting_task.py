@@ -56,6 +56,9 @@ def test_teacher_forced_targets_sit_on_sep_and_ranks() -> None:
     assert torch.all(targets[:, :50] == IGNORE)
     assert torch.equal(targets[:, 50:], batch.tokens[:, 51:])
     assert torch.all(inputs[:, 50] == SEP)
+    lm_inputs, lm_targets = batch.inputs_and_targets(lm_loss=True)  # sequence positions trained too
+    assert torch.equal(lm_inputs, inputs) and torch.equal(lm_targets[:, 50:], targets[:, 50:])
+    assert torch.equal(lm_targets[:, :50], batch.tokens[:, 1:51])  # next token, the last one is SEP
 
 
 def test_oracles_bracket_the_task() -> None:

@@ -55,6 +55,7 @@ class Preset:
     warmup: int = 50
     evals: int = 5  # validation points on the learning curve
     n_basis: int | None = None  # ∞-former basis functions (default: one per segment token)
+    lm_loss: bool = False  # train the sequence positions on next-token prediction too (ranking only by default)
 
 
 ALL_MEMORIES = ("none", "xl", "compressive", "continuous", "continuous_sticky")
@@ -102,8 +103,10 @@ def build(preset: Preset, memory: str, length: int) -> mp.MemoryModel:
     return mp.wrap(model, kind, **options)
 
 
-def run_segments(model: mp.MemoryModel, memory: str, data: SortingBatch, n: int, *, train: bool) -> mp.SegmentOutput:
-    inputs, targets = data.inputs_and_targets()  # (B, T + S) each
+def run_segments(
+    model: mp.MemoryModel, memory: str, data: SortingBatch, n: int, *, train: bool, lm_loss: bool = False
+) -> mp.SegmentOutput:
+    inputs, targets = data.inputs_and_targets(lm_loss=train and lm_loss)  # (B, T + S) each
     runner = mp.SegmentRunner(model, n)
     disabled = model.memory_disabled() if memory == "none" else nullcontext()
     with disabled:
@@ -161,7 +164,7 @@ def train_one(preset_name: str, preset: Preset, memory: str, length: int, seed: 
         idx = torch.randint(0, preset.n_train, (preset.batch,), generator=g)
         batch = SortingBatch(train_set.tokens[idx].to(device), train_set.counts[idx])
         opt.zero_grad(set_to_none=True)
-        out_train = run_segments(model, memory, batch, preset.segment, train=True)
+        out_train = run_segments(model, memory, batch, preset.segment, train=True, lm_loss=preset.lm_loss)
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()
@@ -178,7 +181,7 @@ def train_one(preset_name: str, preset: Preset, memory: str, length: int, seed: 
     test = evaluate(model, memory, test_set, preset, device)
     kind, options = memory_options(memory, preset, length)
     result = {
-        "preset": preset_name, "memory": memory, "length": length, "seed": seed, "steps": steps, "lr": lr,
+        "preset": preset_name, "memory": memory, "length": length, "seed": seed, "steps": steps, "lr": lr, "lm_loss": preset.lm_loss,
         "memory_kind": kind, "memory_options": options, "test": test, "curve": curve,
         "train_seconds": time.perf_counter() - t0, "data_seeds": [10_000 + length, 20_000 + length, 30_000 + length],
     }
@@ -254,6 +257,7 @@ def main() -> None:
     parser.add_argument("--memories", nargs="*", help=f"subset of {list(ALL_MEMORIES)}")
     parser.add_argument("--lengths", nargs="*", type=int)
     parser.add_argument("--epochs", type=float, help="override the preset's epochs (longer or shorter training)")
+    parser.add_argument("--lm-loss", action="store_true", help="also train next-token prediction on the sequence")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", type=Path)
@@ -266,6 +270,8 @@ def main() -> None:
         preset.lengths = tuple(args.lengths)
     if args.epochs:
         preset.epochs = args.epochs
+    if args.lm_loss:
+        preset.lm_loss = True
     out = args.out or Path("runs/sorting") / args.preset
     out.mkdir(parents=True, exist_ok=True)
     device = torch.device(args.device)

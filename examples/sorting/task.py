@@ -35,10 +35,13 @@ class SortingBatch:
     def length(self) -> int:
         return self.tokens.shape[1] - 1 - NUM_SYMBOLS
 
-    def inputs_and_targets(self) -> tuple[Tensor, Tensor]:
+    def inputs_and_targets(self, lm_loss: bool = False) -> tuple[Tensor, Tensor]:
         """Teacher-forced language-model view: inputs (B, T + S) and targets (B, T + S), ``IGNORE``
-        everywhere except the S positions (SEP and the first S − 1 ranks) that predict the ranking."""
+        everywhere except the S positions (SEP and the first S − 1 ranks) that predict the ranking;
+        with ``lm_loss`` the sequence positions predict their next token as well."""
         inputs = self.tokens[:, :-1]  # (B, T + S)
+        if lm_loss:
+            return inputs, self.tokens[:, 1:]  # (B, T + S)
         targets = torch.full_like(inputs, IGNORE)  # (B, T + S)
         targets[:, self.length :] = self.tokens[:, self.length + 1 :]  # rank k predicted at SEP + k − 1
         return inputs, targets
