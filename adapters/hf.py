@@ -558,11 +558,12 @@ def from_pretrained(model_class: Any, directory: str | Path, **kwargs: Any) -> n
     fields = get_spec(meta["memory"]).config_cls.option_names()
     options = {k: tuple(v) if isinstance(v, list) else v for k, v in meta["options"].items() if k in fields}
     wrapped = wrap(base, meta["memory"], targets=meta["targets"], **options)
-    weights = load_file(str(directory / MEMORY_WEIGHTS), device=str(next(base.parameters()).device))
+    device = str(next(base.parameters()).device)  # where from_pretrained put the base model
+    weights = load_file(str(directory / MEMORY_WEIGHTS), device=device)
     wrapped.memory.load_state_dict(weights, strict=True)
     state_file = directory / MEMORY_STATE
     if state_file.exists():
-        flat = load_file(str(state_file))
+        flat = load_file(str(state_file), device=device)
         states: dict[str, dict[str, Tensor] | None] = {name: None for name in wrapped.memory.names}
         for key, t in flat.items():
             layer, name = key.rsplit("|", 1)

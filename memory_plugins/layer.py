@@ -8,7 +8,7 @@ host attention → ``LayerMemory(x, q)`` → ``backend.read(state)`` (contributi
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 from torch import Tensor, nn
@@ -61,6 +61,15 @@ class MemoryController(nn.Module):
         state = self.__dict__.copy()
         state["aux_losses"] = []
         return state
+
+    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> "MemoryController":
+        # ``model.to(device)`` takes the stream's state along (its dtype stays: a float32 memory under
+        # a bf16 model is the backend's choice, see its init_state).
+        super()._apply(fn, recurse)
+        self.states = [
+            None if s is None else {k: v.to(fn(v.new_empty(0)).device) for k, v in s.items()} for s in self.states
+        ]
+        return self
 
     # -- the hot path -------------------------------------------------------------------------
     def step(self, index: int, x: Tensor, q: Tensor | None, host: HostAttention) -> MemoryRead | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import ClassVar, Iterator
 
@@ -11,6 +12,25 @@ from torch import Tensor, nn
 
 import memory_plugins as mp
 from memory_plugins import AttentionDims, MemoryConfig, MemoryRead
+
+# The suite runs on the CPU (CI). ``MEMORY_PLUGINS_TEST_DEVICE=cuda pytest`` runs it on a GPU: the tests
+# build their models and tensors with torch's default device, which is then that device, with TF32 off so
+# that the float32 tolerances keep their meaning.
+DEVICE = torch.device(os.environ.get("MEMORY_PLUGINS_TEST_DEVICE", "cpu"))
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if DEVICE.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+    if DEVICE.type != "cpu":
+        torch.set_default_device(DEVICE)
+
+
+def make_generator(seed: int) -> torch.Generator:
+    """A seeded generator on the test device (random draws with it land where the models are)."""
+    return torch.Generator(device=DEVICE).manual_seed(seed)
+
 
 # Small options per registered memory, so that the registry-wide invariants run fast on 2 CPU cores.
 # A backend added to the registry must add its entry here (the invariant tests fail loudly otherwise).

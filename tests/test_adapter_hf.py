@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 import memory_plugins as mp
 
-from .conftest import SMALL_OPTIONS
+from .conftest import DEVICE, SMALL_OPTIONS
 
 transformers = pytest.importorskip("transformers")
 from transformers import (  # noqa: E402
@@ -289,8 +289,8 @@ def test_memory_weights_and_state_round_trip_beside_save_pretrained(host: str, n
     cls = type(wrapped.model)
     base, info = cls.from_pretrained(tmp_path, output_loading_info=True)  # the base checkpoint is unchanged
     assert not info["missing_keys"] and not info["unexpected_keys"]
-    assert all(torch.equal(p, q) for p, q in zip(base.parameters(), wrapped.model.parameters()))
-    loaded = hf.from_pretrained(cls, tmp_path).eval()
+    assert all(torch.equal(p.cpu(), q.cpu()) for p, q in zip(base.parameters(), wrapped.model.parameters()))
+    loaded = hf.from_pretrained(cls, tmp_path).to(DEVICE).eval()  # from_pretrained loads where HF puts the model
     assert loaded.memory.names == wrapped.memory.names
     for (k, p), (k2, q) in zip(wrapped.memory.state_dict().items(), loaded.memory.state_dict().items()):
         assert k == k2 and torch.equal(p, q)

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 import memory_plugins as mp
 
-from .conftest import SMALL_OPTIONS
+from .conftest import DEVICE, SMALL_OPTIONS
 
 xt = pytest.importorskip("x_transformers")
 from x_transformers import Decoder, Encoder, TransformerWrapper  # noqa: E402
@@ -35,10 +35,12 @@ POSITIONS = {
 
 
 def _net(max_mem_len: int = 0, abs_pos: bool = False, **layers: object) -> TransformerWrapper:
-    return TransformerWrapper(
-        num_tokens=V, max_seq_len=4 * N, max_mem_len=max_mem_len, use_abs_pos_emb=abs_pos,
-        attn_layers=Decoder(dim=32, depth=2, heads=2, attn_dim_head=16, verbose=False, **layers),
-    ).eval()  # fmt: skip
+    with torch.device("cpu"):  # x-transformers' ALiBi uses the legacy torch.Tensor(list), CPU-only at construction
+        net = TransformerWrapper(
+            num_tokens=V, max_seq_len=4 * N, max_mem_len=max_mem_len, use_abs_pos_emb=abs_pos,
+            attn_layers=Decoder(dim=32, depth=2, heads=2, attn_dim_head=16, verbose=False, **layers),
+        )  # fmt: skip
+    return net.to(DEVICE).eval()
 
 
 def _options(name: str) -> dict:

@@ -16,6 +16,8 @@ import memory_plugins
 from memory_plugins import AttentionDims, CompressiveConfig, CompressiveMemory, HostAttention
 from memory_plugins.models.reference import Attention, ReferenceDecoder
 
+from .conftest import DEVICE, make_generator
+
 
 def make(e: int = 4, heads: int = 1, **options: object) -> CompressiveMemory:
     cfg = CompressiveConfig(**options)  # type: ignore[arg-type]
@@ -96,7 +98,7 @@ def test_mean_pool_of_constant_groups_is_exact(c: int) -> None:
     # Through the FIFOs: a constant stream fills the compressed memory with that constant, exactly.
     mem = make(e=5, mem_len=3, cmem_len=4, compression="mean", compression_rate=c)
     v = torch.randn(2, 1, 5)
-    state = write_all(mem, mem.init_state(2, torch.device("cpu"), torch.float32), [v.expand(2, 5, 5)] * (3 * c))
+    state = write_all(mem, mem.init_state(2, DEVICE, torch.float32), [v.expand(2, 5, 5)] * (3 * c))
     assert state["cmem"].shape == (2, 4, 5) and torch.equal(state["cmem"], v.expand(2, 4, 5))
 
 
@@ -133,7 +135,7 @@ def test_conv_keeps_oldest_to_newest_order_through_the_fifos(tap: int) -> None:
         mem.conv.weight.zero_()
         mem.conv.weight[:, :, tap] = torch.eye(e)
         mem.conv.bias.zero_()
-    state = mem.init_state(2, torch.device("cpu"), torch.float64)
+    state = mem.init_state(2, DEVICE, torch.float64)
     state = write_all(mem, state, [indexed(2, 5 * i, 5, e) for i in range(6)])  # 30 vectors
     # 26 evicted: 8 groups (0–23) compressed, 24 and 25 pending; cmem keeps the newest 3 groups.
     off = 10_000 * torch.arange(2, dtype=torch.float64)[:, None, None]  # (b, 1, 1)
@@ -152,8 +154,8 @@ def test_state_bounded_over_1000_writes_and_partial_groups_never_lost() -> None:
     in ``pending`` (exactly the newest evicted ones) and the newest groups sit in ``cmem``."""
     c, mem_len, cmem_len, e = 3, 5, 4, 2
     mem = make(e=e, mem_len=mem_len, cmem_len=cmem_len, compression="mean", compression_rate=c)
-    state = mem.init_state(2, torch.device("cpu"), torch.float64)
-    gen = torch.Generator().manual_seed(0)
+    state = mem.init_state(2, DEVICE, torch.float64)
+    gen = make_generator(0)
     total = 0
     for _ in range(1000):
         n = int(torch.randint(1, 2 * mem_len + 2 * c, (1,), generator=gen))
@@ -179,7 +181,7 @@ def test_reset_is_per_sample_and_leaves_others_bit_identical() -> None:
     mem = make(e=8, heads=2, mem_len=5, cmem_len=4, compression="conv", compression_rate=3)
     _, host = make_host(8, 2)
     xs = [torch.randn(3, 4, 8) for _ in range(9)]
-    state = write_all(mem, mem.init_state(3, torch.device("cpu"), torch.float32), xs[:4], host)
+    state = write_all(mem, mem.init_state(3, DEVICE, torch.float32), xs[:4], host)
     assert state["mem"].shape[1] and state["cmem"].shape[1] and state["pending"].shape[1]  # all parts in use
     mask = torch.tensor([False, True, False])
     reset = mem.reset(state, mask)
@@ -198,7 +200,7 @@ def test_reset_is_per_sample_and_leaves_others_bit_identical() -> None:
 
 def test_group_straddling_a_reset_is_compressed_from_its_valid_vectors() -> None:
     mem = make(e=1, mem_len=2, cmem_len=4, compression="mean", compression_rate=4)
-    state = mem.init_state(2, torch.device("cpu"), torch.float64)
+    state = mem.init_state(2, DEVICE, torch.float64)
     state = write_all(mem, state, [indexed(2, 0, 5, 1)])  # mem 3,4; pending 0,1,2
     state = mem.reset(state, torch.tensor([True, False]))
     state = write_all(mem, state, [indexed(2, 5, 4, 1)])  # evicts 3,4,5,6 → one group 0..3, pending 4,5,6
@@ -214,7 +216,7 @@ def test_detached_state_has_no_graph_and_compressed_memory_is_always_detached() 
     _, host = make_host(8, 2)
     for detach in (True, False):
         mem = make(e=8, heads=2, mem_len=4, cmem_len=4, compression_rate=2, detach=detach)
-        state = mem.init_state(2, torch.device("cpu"), torch.float32)
+        state = mem.init_state(2, DEVICE, torch.float32)
         xs = [torch.randn(2, 3, 8, requires_grad=True) for _ in range(4)]
         state = write_all(mem, state, xs, host)
         for key, value in state.items():
@@ -228,7 +230,7 @@ def test_reconstruction_loss_value_weight_and_switches() -> None:
     e, h, c = 8, 2, 2
     _, host = make_host(e, h)
     mem = make(e=e, heads=h, mem_len=4, cmem_len=4, compression_rate=c, recon_weight=0.5)
-    state = write_all(mem, mem.init_state(2, torch.device("cpu"), torch.float32), [torch.randn(2, 4, e)], host)
+    state = write_all(mem, mem.init_state(2, DEVICE, torch.float32), [torch.randn(2, 4, e)], host)
     old = state["mem"]  # all four are evicted by the next write of 4
     x = torch.randn(2, 4, e)
     _, aux = mem.write(state, x, host, None)

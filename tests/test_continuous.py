@@ -33,7 +33,8 @@ from memory_plugins.continuous.sticky import attention_histogram, sample_locatio
 from memory_plugins.interface import AttentionDims
 from memory_plugins.models import ReferenceDecoder
 
-CPU = torch.device("cpu")
+from .conftest import DEVICE, make_generator
+
 WIDE = (0.05, 0.1)  # widths for N ≤ 16: the paper's (0.01, 0.05) leave gaps between 8 centres (unstable)
 
 
@@ -51,7 +52,7 @@ def make(e: int = 8, h: int = 2, d: int = 4, open_gate: bool = False, **options)
 
 def stream(mem: ContinuousMemory, xs: list[torch.Tensor], qs: list[torch.Tensor], state=None):
     """Read then write every segment, as the controller does; returns (reads, final state)."""
-    state = state if state is not None else mem.init_state(xs[0].shape[0], CPU, torch.float32)
+    state = state if state is not None else mem.init_state(xs[0].shape[0], DEVICE, torch.float32)
     reads = []
     for x, q in zip(xs, qs):
         read = mem.read(state, x, q)
@@ -109,7 +110,7 @@ def test_settings_whose_update_amplifies_are_refused_at_wrap_time() -> None:
     with pytest.raises(ValueError, match="n_samples=16.*amplifies"):
         make(n_basis=64, n_samples=16)  # M well below the 32 centres
     mem = make(n_basis=16, basis_widths=WIDE, open_gate=True)
-    state = mem.init_state(1, CPU, torch.float32)
+    state = mem.init_state(1, DEVICE, torch.float32)
     state["pending"], state["pending_valid"] = torch.randn(1, 8, 8), torch.ones(1, 8, dtype=torch.bool)
     coef, has = mem.update(state)
     start = coef.norm()
@@ -139,13 +140,13 @@ def test_regression_matrix_equals_float64_svd_reference(pad: bool) -> None:
         return ridge_svd(psi64(t, n_basis, widths).T, lam)[: m + p]  # (M + P, N)
 
     for m, p in [(0, 20), (32, 7), (16, 40)]:
-        g = cache.regression(m, p, CPU, torch.float32)  # (M + P, N)
-        assert g.dtype == torch.float32 and cache.regression(m, p, CPU, torch.float32) is g  # computed once
+        g = cache.regression(m, p, DEVICE, torch.float32)  # (M + P, N)
+        assert g.dtype == torch.float32 and cache.regression(m, p, DEVICE, torch.float32) is g  # computed once
         ref = reference(m, p)
         assert (g.double() - ref).abs().max() <= 1e-5 * ref.abs().max()
     # The linear-spacing transition matrix is G_pastᵀ Ψ(cell-centred samples of [0, 1]).
     ref = reference(32, 7)[:32].T @ psi64(torch.tensor([(i + 0.5) / 32 for i in range(32)]), n_basis, widths)
-    assert (cache.transition(32, 7, CPU, torch.float32).double() - ref).abs().max() <= 1e-5 * ref.abs().max()
+    assert (cache.transition(32, 7, DEVICE, torch.float32).double() - ref).abs().max() <= 1e-5 * ref.abs().max()
 
 
 def test_smooth_signal_is_reconstructed_and_error_falls_as_n_basis_grows() -> None:
@@ -191,7 +192,7 @@ def test_default_ridge_and_padding_are_the_measured_best() -> None:
         edge = torch.cat([torch.arange(n // 10), torch.arange(n - n // 10, n)])
         out = []
         for seed in range(4):
-            gen = torch.Generator().manual_seed(seed)
+            gen = make_generator(seed)
             x = ar(gen)
             xh = basis_values(t, c, w) @ (g0.T @ x)
             segs = [ar(gen) for _ in range(8)]
@@ -230,7 +231,7 @@ def test_closed_form_expectation_equals_quadrature() -> None:
     cache = BasisCache(n_basis, widths, 0.5, 0.75, False)
     mu, sigma2 = torch.rand(3, 50) * 1.4 - 0.2, torch.rand(3, 50) * 0.1 + 1e-6  # (b, n)
     generic = expected_basis(mu.double(), sigma2.double(), c, w)  # (b, n, N)
-    fast = expected_basis_grid(mu, sigma2, *cache.grid(CPU))  # (b, n, N)
+    fast = expected_basis_grid(mu, sigma2, *cache.grid(DEVICE))  # (b, n, N)
     assert fast.dtype == torch.float32 and (fast.double() - generic).abs().max() <= 1e-5 * generic.abs().max()
 
 
@@ -257,7 +258,7 @@ def test_read_equals_naive_reference_with_materialised_scores() -> None:
     with torch.no_grad():
         for p in mem.parameters():
             p.add_(0.3 * torch.randn_like(p))
-    state = mem.init_state(2, CPU, torch.float32)
+    state = mem.init_state(2, DEVICE, torch.float32)
     state["coef"] = torch.randn(2, 24, 10)
     state["has_ltm"] = torch.tensor([True, True])
     q = 3 * torch.randn(2, 3, 5, 4)
@@ -272,7 +273,7 @@ def test_read_equals_naive_reference_with_materialised_scores() -> None:
 def test_kl_regulariser_eqs_20_21() -> None:
     torch.manual_seed(2)
     mem = make(n_basis=8, basis_widths=WIDE, kl_weight=0.1, sigma_0=0.05).train()
-    state = mem.init_state(3, CPU, torch.float32)
+    state = mem.init_state(3, DEVICE, torch.float32)
     state["coef"], state["has_ltm"] = torch.randn(3, 8, 8), torch.tensor([True, False, True])
     read = mem.read(state, torch.randn(3, 6, 8), torch.randn(3, 2, 6, 4))
     s2 = read.info["sigma2"].double()
@@ -293,7 +294,7 @@ def test_kl_regulariser_eqs_20_21() -> None:
 def test_evaluation_under_bf16_autocast_keeps_gaussians_in_float32() -> None:
     torch.manual_seed(3)
     mem = make(n_basis=16, basis_widths=WIDE, zero_init_output=False)
-    state = mem.init_state(2, CPU, torch.float32)
+    state = mem.init_state(2, DEVICE, torch.float32)
     state["coef"], state["has_ltm"] = torch.randn(2, 16, 8), torch.tensor([True, True])
     x, q = torch.randn(2, 5, 8), torch.randn(2, 2, 5, 4)
     ref = mem.read(state, x, q)
@@ -346,7 +347,7 @@ def naive_update(mem: ContinuousMemory, state: dict) -> torch.Tensor:
 def test_update_equals_naive_reference(sticky: bool) -> None:
     torch.manual_seed(4)
     mem = make(n_basis=16, basis_widths=WIDE, n_samples=12, tau=0.6, sticky=sticky, sticky_bins=10)
-    state = mem.init_state(3, CPU, torch.float32)
+    state = mem.init_state(3, DEVICE, torch.float32)
     state["coef"] = torch.randn(3, 16, 8) * torch.tensor([1.0, 0.0, 1.0])[:, None, None]
     state["has_ltm"] = torch.tensor([True, False, True])  # sample 1: first fit after a reset
     state["pending"], state["pending_valid"] = torch.randn(3, 5, 8), torch.ones(3, 5, dtype=torch.bool)
@@ -367,7 +368,7 @@ def test_partly_or_wholly_empty_pending_sets() -> None:
     assert out[0, :, 0].tolist() == [4.0, 4.0, 6.0, 6.0]  # vectors 2, 3 fill all four slots, in order
     assert torch.equal(out[1], x[1])  # all valid: identity
     mem = make(n_basis=8, basis_widths=WIDE)
-    state = mem.init_state(2, CPU, torch.float32)
+    state = mem.init_state(2, DEVICE, torch.float32)
     state["coef"], state["has_ltm"] = torch.randn(2, 8, 8), torch.tensor([True, False])
     state["pending"], state["pending_valid"] = torch.randn(2, 3, 8), torch.zeros(2, 3, dtype=torch.bool)
     coef, has = mem.update(state)
@@ -409,7 +410,7 @@ def test_inverse_cdf_sampling_interpolates_inside_bins() -> None:
 def test_ten_thousand_writes_keep_the_state_size_and_finite() -> None:
     torch.manual_seed(7)
     mem = make(n_basis=16, basis_widths=WIDE, sticky=True, sticky_bins=16, zero_init_output=False)
-    state = mem.init_state(2, CPU, torch.float32)
+    state = mem.init_state(2, DEVICE, torch.float32)
     shapes, peak = None, 0.0
     with torch.no_grad():
         for step in range(10_000):
@@ -436,7 +437,7 @@ def test_older_vectors_are_recovered_worse() -> None:
     xs = [torch.randn(128, 4, 8) for _ in range(10)]
     _, state = stream(mem, xs, [torch.randn(128, 2, 4, 4) for _ in xs])
     coef, _ = mem.update(state)  # the last segment enters, as at the next read
-    c, w = mem.cache.basis(CPU)
+    c, w = mem.cache.basis(DEVICE)
     errors = []
     for k in range(6):  # written k updates ago: now at cell centres of (τ^{k+1}, τ^k]
         rec = basis_values(cell_centres(4, 0.75 ** (k + 1), 0.75**k, torch.float32), c, w) @ coef  # (b, 4, e)
@@ -461,7 +462,7 @@ def test_sticky_memories_keep_the_attended_region_better_than_linear_spacing() -
     figures = {}
     for sticky in (False, True):
         mem = make(n_basis=64, sticky=sticky, sticky_bins=bins, open_gate=True)
-        state = mem.init_state(b, CPU, torch.float32)
+        state = mem.init_state(b, DEVICE, torch.float32)
         state["pending"], state["pending_valid"] = old, torch.ones(b, old_len, dtype=torch.bool)
         first, has = mem.update(state)  # fresh fit of the old vectors over [0, 1]
         state = dict(state, coef=first, has_ltm=has, pending=new, pending_valid=torch.ones(b, 8, dtype=torch.bool))
@@ -474,7 +475,7 @@ def test_sticky_memories_keep_the_attended_region_better_than_linear_spacing() -
             where = 0.75 * (cdf[:, j] + (t_old * bins - j) * hist[:, j])  # (b, L)
         else:
             where = 0.75 * t_old.expand(b, old_len)
-        c, w = mem.cache.basis(CPU)
+        c, w = mem.cache.basis(DEVICE)
         before, after = basis_values(t_old, c, w) @ first, basis_values(where, c, w) @ coef  # (b, L, e)
         err = (after - before).norm(dim=-1) / before.norm(dim=-1)  # (b, L)
         figures[sticky] = (err[:, attended].mean().item(), err[:, ~attended].mean().item())
@@ -544,7 +545,7 @@ def test_segments_enter_the_ltm_at_the_papers_time_and_exactly_once() -> None:
         if stm_len:
             assert torch.equal(reads_a[2].kv_source, reads_b[2].kv_source)
             assert not torch.equal(reads_a[3].kv_source, reads_b[3].kv_source)  # segment 2 is in the STM at s = 3
-            state = mem.init_state(2, CPU, torch.float32)
+            state = mem.init_state(2, DEVICE, torch.float32)
             for s, x in enumerate(xs):
                 if s >= 2:
                     assert torch.equal(state["pending"], xs[s - 2])  # evicted once, enters the LTM at read s
@@ -603,7 +604,7 @@ def test_g_is_shared_by_layers_kept_out_of_state_dict_and_follows_the_model() ->
     assert "G_16_8_float32" in caches[0]._buffers and not any("G_" in k for k in model.state_dict())
     out32 = model(torch.randint(0, 32, (2, 8)))
     model.to(torch.float64)  # buffers keep float32; a float64 stream gets its own float64 G
-    assert caches[0].regression(16, 8, CPU, torch.float32).dtype == torch.float32
+    assert caches[0].regression(16, 8, DEVICE, torch.float32).dtype == torch.float32
     model.reset_memory()
     torch.manual_seed(0)
     segs = [torch.randint(0, 32, (2, 8)) for _ in range(3)]
@@ -631,7 +632,7 @@ def test_learning_memory_beats_no_memory_on_a_task_older_than_the_window() -> No
         model = mp.wrap(ReferenceDecoder(vocab_size=16, dim=32, depth=2, heads=4), "continuous", n_basis=32)
         runner = mp.SegmentRunner(model, 8)
         opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-        gen = torch.Generator().manual_seed(0)
+        gen = make_generator(0)
         for _ in range(100):
             tokens, targets = batch(32, gen)
             with (model.memory_disabled() if not use_memory else torch.enable_grad()):
@@ -639,7 +640,7 @@ def test_learning_memory_beats_no_memory_on_a_task_older_than_the_window() -> No
             opt.step()
             opt.zero_grad()
         model.eval()
-        tokens, targets = batch(256, torch.Generator().manual_seed(1))
+        tokens, targets = batch(256, make_generator(1))
         with torch.no_grad(), (model.memory_disabled() if not use_memory else torch.enable_grad()):
             return runner(tokens, targets).loss.item()
 

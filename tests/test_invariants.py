@@ -113,6 +113,21 @@ def test_save_and_restore_mid_stream_continues_identically(name: str) -> None:
 
 
 @pytest.mark.parametrize("name", MEMORIES)
+def test_moving_the_model_takes_the_stream_state_along(name: str) -> None:
+    """``.to(device)`` moves the state with the weights; a dtype cast leaves the state's dtypes alone."""
+    a = _wrapped(name)
+    for seg in _segments(2, 2):
+        a(seg)
+    dtypes = {(l, k): v.dtype for l, s in a.memory_state().items() for k, v in s.items()}
+    a.to(torch.float64)
+    assert {(l, k): v.dtype for l, s in a.memory_state().items() for k, v in s.items()} == dtypes
+    a.to("meta")  # a device other than the test's, available on every machine
+    moved = a.memory_state()
+    assert {(l, k) for l, s in moved.items() for k in s} == set(dtypes)
+    assert all(v.device.type == "meta" for s in moved.values() for v in s.values())
+
+
+@pytest.mark.parametrize("name", MEMORIES)
 def test_unwrap_returns_the_original_model_untouched(name: str) -> None:
     base = _base().eval()
     reference = copy.deepcopy(base)

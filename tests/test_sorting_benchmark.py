@@ -8,6 +8,8 @@ import torch
 from examples.sorting.benchmark import ALL_MEMORIES, PRESETS, build, memory_options, run_segments
 from examples.sorting.task import NUM_SYMBOLS, SortingBatch, generate
 
+from .conftest import DEVICE
+
 CPU = PRESETS["cpu"]
 
 
@@ -17,7 +19,7 @@ def test_every_memory_holds_two_segments_of_vectors_per_layer(memory: str, lengt
     """The paper's equal budgets: XL 2n; compressive n + n; ∞-former STM n + N = n basis functions."""
     n = CPU.segment
     model = build(CPU, memory, length)
-    run_segments(model, memory, generate(2, length, seed=0), n, train=False)
+    run_segments(model, memory, generate(2, length, seed=0).to(DEVICE), n, train=False)
     state = model.memory_state()
     assert len(state) == CPU.depth
     for layer in state.values():
@@ -41,7 +43,7 @@ def test_only_the_memories_see_beyond_the_last_segment(memory: str) -> None:
     a = generate(2, length, seed=1)
     b_tokens = a.tokens.clone()
     b_tokens[:, : length // 2] = (b_tokens[:, : length // 2] + 7) % NUM_SYMBOLS  # (2, T/2): other symbols
-    b = SortingBatch(b_tokens, a.counts)
+    a, b = a.to(DEVICE), SortingBatch(b_tokens, a.counts).to(DEVICE)
     model.eval()
     la = run_segments(model, memory, a, n, train=False).token_loss[:, -NUM_SYMBOLS:]  # (2, S)
     model.reset_memory()

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
+import pytest
 import torch
 
 from examples.sorting.task import (
@@ -14,6 +17,13 @@ from examples.sorting.task import (
     score,
     teacher_forced_predictions,
 )
+
+
+@pytest.fixture(autouse=True)
+def _on_the_cpu() -> Iterator[None]:
+    """The task and its oracles are CPU code (data is made there whatever the test device)."""
+    with torch.device("cpu"):
+        yield
 
 
 def test_generator_is_deterministic_and_seeded() -> None:

@@ -120,7 +120,7 @@ def evaluate(model: mp.MemoryModel, memory: str, data: SortingBatch, preset: Pre
     model.eval()
     preds, losses = [], []
     for s in range(0, data.tokens.shape[0], preset.batch):
-        part = SortingBatch(data.tokens[s : s + preset.batch].to(device), data.counts[s : s + preset.batch])
+        part = SortingBatch(data.tokens[s : s + preset.batch], data.counts[s : s + preset.batch]).to(device)
         out = run_segments(model, memory, part, preset.segment, train=False)
         preds.append(out.predictions[:, -NUM_SYMBOLS:].cpu())  # (b, S)
         losses.append(out.token_loss[:, -NUM_SYMBOLS:].mean().item())
@@ -162,7 +162,7 @@ def train_one(preset_name: str, preset: Preset, memory: str, length: int, seed: 
     for step in range(start, steps):
         g = torch.Generator().manual_seed(seed * 1_000_003 + step)
         idx = torch.randint(0, preset.n_train, (preset.batch,), generator=g)
-        batch = SortingBatch(train_set.tokens[idx].to(device), train_set.counts[idx])
+        batch = SortingBatch(train_set.tokens[idx], train_set.counts[idx]).to(device)
         opt.zero_grad(set_to_none=True)
         out_train = run_segments(model, memory, batch, preset.segment, train=True, lm_loss=preset.lm_loss)
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

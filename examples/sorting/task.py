@@ -46,6 +46,10 @@ class SortingBatch:
         targets[:, self.length :] = self.tokens[:, self.length + 1 :]  # rank k predicted at SEP + k − 1
         return inputs, targets
 
+    def to(self, device: torch.device | str) -> SortingBatch:
+        """The tokens on ``device`` (the model's); counts stay where they are (the oracles are CPU code)."""
+        return SortingBatch(self.tokens.to(device), self.counts)
+
 
 def ranking(counts: Tensor) -> Tensor:
     """Symbols (B, S) in decreasing order of ``counts`` (B, S); ties: smaller symbol first."""
@@ -58,7 +62,11 @@ def generate(num: int, length: int, seed: int, *, chunk: int = 256) -> SortingBa
     """``num`` sequences of ``length`` tokens, deterministic in ``seed`` (vectorised, chunked in memory)."""
     if length < 2:
         raise ValueError(f"generate: length must be >= 2, got {length}")
-    gen = torch.Generator().manual_seed(seed)
+    with torch.device("cpu"):  # data is made on the CPU whatever the default device: same seed, same data
+        return _generate(num, length, torch.Generator().manual_seed(seed), chunk)
+
+
+def _generate(num: int, length: int, gen: torch.Generator, chunk: int) -> SortingBatch:
     alpha = torch.linspace(0.0, 1.0, length)  # (T,)
     seqs, all_counts = [], []
     for start in range(0, num, chunk):

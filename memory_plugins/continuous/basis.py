@@ -112,6 +112,15 @@ def regression_matrix(positions: Tensor, centres: Tensor, widths: Tensor, ridge:
 # -- the shared cache --------------------------------------------------------------------------------
 
 
+def _canonical(device: torch.device | str) -> torch.device:
+    """``device`` as tensors report it: 'cuda' means the current CUDA device, 'cuda:0' say (a cached
+    buffer on cuda:0 must count as being on 'cuda', or it would be rebuilt on every call)."""
+    device = torch.device(device)
+    if device.index is None and device.type not in ("cpu", "meta"):
+        return torch.empty(0, device=device).device
+    return device
+
+
 class BasisCache(nn.Module):
     """The basis and every regression matrix one model needs, shared by all its layers.
 
@@ -145,6 +154,7 @@ class BasisCache(nn.Module):
         return self
 
     def _buffer(self, name: str, build: Callable[[], Tensor], device: torch.device, dtype: torch.dtype) -> Tensor:
+        device = _canonical(device)
         buf = self._buffers.get(name)
         if buf is None or buf.device != device:
             with torch.no_grad():
@@ -154,6 +164,7 @@ class BasisCache(nn.Module):
 
     def basis(self, device: torch.device) -> tuple[Tensor, Tensor]:
         """(centres (N,), widths (N,)) in float32 on ``device``."""
+        device = _canonical(device)
         if self.centres.device != device:
             self.centres, self.scales = self.centres.to(device), self.scales.to(device)
         return self.centres, self.scales
