@@ -34,11 +34,11 @@ def default_logits(out: Any) -> Tensor:
 
 @dataclass
 class SegmentOutput:
-    loss: Tensor  # scalar: mean token loss over scored tokens + mean aux loss per segment
+    loss: Tensor  # scalar: mean token loss over the graded segments' targets + mean aux loss per segment
     token_loss: Tensor  # (b, T') per-token cross-entropy, 0 where the target is ignored
     predictions: Tensor  # (b, T') argmax of the logits at every input position
     aux_loss: Tensor  # scalar: the memories' weighted aux losses, mean over segments
-    num_tokens: int  # tokens scored
+    num_tokens: int  # tokens scored, in every segment
 
 
 class SegmentRunner:
@@ -97,7 +97,10 @@ class SegmentRunner:
           ``"end"`` cuts them from the last token, so that the final segment is full (tasks whose
           answer sits at the end, like sorting).
         * ``grad_segments``: only the last k segments are run with gradients; earlier ones only build
-          the memory (the paper's sorting setup). None: all segments.
+          the memory (the paper's sorting setup). None: all segments. ``loss`` (and what ``backward``
+          differentiates) is then the mean over the targets of those k segments; ``token_loss`` still
+          has every position. The aux term stays the mean over all segments' aux losses (those of
+          the no-grad segments carry no gradient).
         * ``backward``: call ``backward()`` on each BPTT window's share of the loss as soon as it is
           complete, so the graph of at most one window is alive; the returned tensors are detached.
         """
@@ -118,8 +121,11 @@ class SegmentRunner:
         offset = 0 if align == "start" else (t % n) - n if t % n else 0  # first cut, possibly < 0
         bounds = [(max(s, 0), min(s + n, t)) for s in range(offset, t, n)]
         first_grad = 0 if grad_segments is None else max(len(bounds) - grad_segments, 0)
-        total = int((targets != self.ignore_index).sum())
-        denom = max(total, 1)
+        scored = targets != self.ignore_index  # (b, T)
+        total = int(scored.sum())
+        # The objective is the mean over the targets of the segments run with gradients: targets in
+        # earlier (no-grad) segments would only shrink its gradient, by the share of them they hold.
+        denom = max(int(scored[:, bounds[first_grad][0] :].sum()), 1)
 
         if reset:
             self.model.reset_memory()
@@ -154,7 +160,7 @@ class SegmentRunner:
 
         token_loss = torch.cat(token_losses, dim=1)  # (b, T')
         aux_loss = torch.stack(aux_terms).mean()
-        loss = token_loss.sum() / denom + aux_weight * aux_loss
+        loss = token_loss[:, bounds[first_grad][0] :].sum() / denom + aux_weight * aux_loss
         if backward:
             token_loss, aux_loss, loss = token_loss.detach(), aux_loss.detach(), loss.detach()
         return SegmentOutput(

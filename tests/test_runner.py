@@ -71,6 +71,35 @@ def test_ignored_targets_and_grad_segments() -> None:
     assert all(grad[t].abs().sum() == 0 for t in early_only)
 
 
+def test_grad_segments_train_the_mean_loss_of_those_segments() -> None:
+    """With targets in every segment, the objective of ``grad_segments=1`` is the mean over the last
+    segment's targets: the same gradient as that mean computed by hand (earlier segments' targets
+    must not shrink it by their share, 2/3 here), with or without the early ``backward``."""
+    base = _model()
+    tokens = torch.randint(0, 29, (2, 49))  # 48 inputs: 3 segments of 16
+
+    def grads(how: str) -> list[torch.Tensor]:
+        wrapped = mp.wrap(copy.deepcopy(base), "xl", mem_len=32)
+        runner = mp.SegmentRunner(wrapped, segment_len=16)
+        if how == "by hand":
+            with torch.no_grad():
+                wrapped(tokens[:, :16])
+                wrapped(tokens[:, 16:32])
+            logits = wrapped(tokens[:, 32:48])  # (b, 16, V)
+            F.cross_entropy(logits.transpose(1, 2), tokens[:, 33:]).backward()
+        elif how == "loss":
+            out = runner(tokens, grad_segments=1)
+            assert out.num_tokens == 96 and out.token_loss.shape == (2, 48)
+            out.loss.backward()
+        else:
+            runner(tokens, grad_segments=1, backward=True)
+        return [p.grad.clone() for p in wrapped.model.parameters()]
+
+    ref = grads("by hand")
+    for how in ("loss", "backward"):
+        assert all((g - r).abs().max() <= 1e-6 * (1 + r.abs().max()) for g, r in zip(grads(how), ref)), how
+
+
 def _early_embedding_grad(bptt: int, tokens: torch.Tensor, base: ReferenceDecoder) -> torch.Tensor:
     """Gradient of the last segment's loss on the embeddings of tokens 0..9 (seen only in segment 1)."""
     wrapped = mp.wrap(copy.deepcopy(base), "xl", mem_len=48, detach=bptt == 1)
