@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import platform
 import random
@@ -42,6 +41,9 @@ from torch.utils._pytree import tree_flatten
 
 import memory_plugins as mp
 from memory_plugins.models import ReferenceDecoder
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/, also when imported
+from result_file import write_result  # noqa: E402
 
 
 def _sync(device: torch.device) -> None:
@@ -251,11 +253,7 @@ def main(argv: list[str] | None = None) -> dict:
               f"{summary['xl_ratio_median']:.2f} median (up to {top:,} tokens)")
     result = {"args": vars(args), "device": str(device), "torch": torch.__version__, "platform": platform.platform(),
               "python": sys.version.split()[0], "cpu_count": os.cpu_count(), "rows": rows, "summary": summary}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
-    print(f"wrote {out}")
-    return result
+    return write_result(result, args.out)
 
 
 if __name__ == "__main__":
