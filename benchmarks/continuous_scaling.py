@@ -43,12 +43,7 @@ import memory_plugins as mp
 from memory_plugins.models import ReferenceDecoder
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/, also when imported
-from result_file import write_result  # noqa: E402
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+from bench_utils import sync, write_result  # noqa: E402
 
 
 class TensorPeak(TorchDispatchMode):
@@ -125,10 +120,10 @@ def _measure(models: list[mp.MemoryModel], states: list[dict], args: argparse.Na
             for i in order:
                 models[i].set_memory_state(states[i])
                 seg = torch.randint(0, args.vocab, (args.batch, args.segment), device=device)  # (b, n)
-                _sync(device)
+                sync(device)
                 start = time.perf_counter()
                 models[i](seg)
-                _sync(device)
+                sync(device)
                 times[i].append((time.perf_counter() - start) * 1e3)
     peaks = [_segment_peak_bytes(m, s, args, device) for m, s in zip(models, states)]
     return list(zip(times, peaks))

@@ -42,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # examples/ when r
 from examples.sorting.benchmark import ALL_MEMORIES, PRESETS, build, run_segments  # noqa: E402
 from examples.sorting.task import generate  # noqa: E402
 
-from result_file import write_result  # noqa: E402  (benchmarks/, the script's folder)
+from bench_utils import sync, write_result  # noqa: E402  (benchmarks/, the script's folder)
 
 # Small memories that a 6-segment stream of 64 tokens fills and overflows (every path is exercised).
 CHECKED: dict[str, tuple[str, dict]] = {
@@ -55,15 +55,15 @@ CHECKED: dict[str, tuple[str, dict]] = {
 VOCAB, SEG, SEGMENTS, BATCH = 64, 64, 6, 4
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+
+def _decoder() -> ReferenceDecoder:
+    return ReferenceDecoder(vocab_size=VOCAB, dim=96, depth=3, heads=6)
 
 
 def _wrapped(kind: str, options: dict) -> mp.MemoryModel:
     """A wrapped decoder on the CPU whose memory parameters are random (W_O starts at zero otherwise)."""
     torch.manual_seed(0)
-    model = mp.wrap(ReferenceDecoder(vocab_size=VOCAB, dim=96, depth=3, heads=6), kind, **options)
+    model = mp.wrap(_decoder(), kind, **options)
     with torch.no_grad():
         for p in model.memory.parameters():
             p.add_(0.1 * torch.randn_like(p))
@@ -99,7 +99,7 @@ def agreement(device: torch.device) -> list[dict]:
                      "logit_scale": ref.abs().max().item(), "state_on_device": state_devices == {device.type},
                      "disabled_equals_base": same})
     # XL that covers the whole stream equals one full causal pass, on the device too.
-    base = ReferenceDecoder(vocab_size=VOCAB, dim=96, depth=3, heads=6).to(device).eval()
+    base = _decoder().to(device).eval()
     tokens = torch.cat(segments, dim=1).to(device)  # (b, k·n)
     with torch.no_grad():
         full = base(tokens)  # (b, k·n, V)
@@ -139,7 +139,6 @@ def autocast(device: torch.device, dtype: torch.dtype) -> list[dict]:
 def steps(device: torch.device, preset_name: str, lengths: list[int], memories: list[str], n_steps: int,
           dtypes: list[str]) -> list[dict]:
     preset = PRESETS[preset_name]
-    run_steps = max(int(preset.epochs * preset.n_train / preset.batch), 1)  # what one benchmark run trains
     rows = []
     for length in lengths:
         data = generate(preset.batch, length, seed=0).to(device)
@@ -153,19 +152,19 @@ def steps(device: torch.device, preset_name: str, lengths: list[int], memories: 
                 if device.type == "cuda":
                     torch.cuda.reset_peak_memory_stats(device)
                 for i in range(n_steps + 2):  # two warm-up steps
-                    _sync(device)
+                    sync(device)
                     t0 = time.perf_counter()
                     with ctx:
                         run_segments(model, memory, data, preset.segment, train=True)
                     opt.step()
                     opt.zero_grad(set_to_none=True)
-                    _sync(device)
+                    sync(device)
                     if i >= 2:
                         times.append(time.perf_counter() - t0)
                 peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
                 rows.append({"length": length, "dtype": dt, "memory": memory, "ms_per_step": 1e3 * statistics.median(times),
                              "ms_all": [1e3 * t for t in times], "peak_gib": peak / 2**30 if peak else None,
-                             "projected_run_hours": statistics.median(times) * run_steps / 3600})
+                             "projected_run_hours": statistics.median(times) * preset.steps / 3600})
                 del model, opt
     for r in rows:
         none = next(x for x in rows if x["memory"] == "none" and x["length"] == r["length"] and x["dtype"] == r["dtype"])
@@ -207,7 +206,7 @@ def main(argv: list[str] | None = None) -> dict:
                   args.dtypes)
     pr = PRESETS[args.preset]
     print(f"\n3. sorting training step, preset {args.preset!r} (segment {pr.segment}, b={pr.batch}, e={pr.dim}), "
-          f"median of {args.steps}; last column: one run of {int(pr.epochs * pr.n_train / pr.batch):,} steps")
+          f"median of {args.steps}; last column: one run of {pr.steps:,} steps")
     print(f"{'T':>6} {'dtype':>5} {'memory':<18} {'ms/step':>9} {'× none':>7} {'peak GiB':>9} {'run':>10}")
     for r in timed:
         peak = f"{r['peak_gib']:.2f}" if r["peak_gib"] is not None else "-"

@@ -20,6 +20,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # examples/ when r
 from examples.sorting.benchmark import ALL_MEMORIES, PRESETS, build, run_segments  # noqa: E402
 from examples.sorting.task import generate  # noqa: E402
 
+from bench_utils import sync, write_result  # noqa: E402  (benchmarks/, the script's folder)
+
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -49,12 +51,10 @@ def main(argv: list[str] | None = None) -> None:
 
         for _ in range(args.warmup):
             step()
-        if cuda:
-            torch.cuda.synchronize(device)
+        sync(device)
         with profile(activities=activities) as prof:
             step()
-            if cuda:
-                torch.cuda.synchronize(device)
+            sync(device)
         avg = prof.key_averages()
         head = (f"== {memory}, T={args.length}, preset {args.preset!r} on {device}: {sum(e.count for e in avg)} "
                 f"operator and kernel calls (totals under the table)")
@@ -65,10 +65,7 @@ def main(argv: list[str] | None = None) -> None:
         print(head, table, sep="\n", flush=True)
         report += [head, table]
         del model, opt
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("\n".join(report))
-    print(f"wrote {out}")
+    write_result("\n".join(report), args.out)
 
 
 if __name__ == "__main__":

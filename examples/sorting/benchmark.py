@@ -57,6 +57,11 @@ class Preset:
     n_basis: int | None = None  # ∞-former basis functions (default: one per segment token)
     lm_loss: bool = False  # train the sequence positions on next-token prediction too (ranking only by default)
 
+    @property
+    def steps(self) -> int:
+        """Training steps of one run: ``epochs`` passes over ``n_train`` sequences in batches."""
+        return max(int(self.epochs * self.n_train / self.batch), 1)
+
 
 ALL_MEMORIES = ("none", "xl", "compressive", "continuous", "continuous_sticky")
 PRESETS: dict[str, Preset] = {
@@ -143,7 +148,7 @@ def train_one(preset_name: str, preset: Preset, memory: str, length: int, seed: 
     model = build(preset, memory, length).to(device)
     lr = preset.lr_by_length.get(length, preset.lr)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
-    steps = max(int(preset.epochs * preset.n_train / preset.batch), 1)
+    steps = preset.steps
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / preset.warmup) * 0.5 * (1 + math.cos(math.pi * min(s / steps, 1.0)))
     )
