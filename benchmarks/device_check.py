@@ -87,7 +87,7 @@ def agreement(device: torch.device) -> list[dict]:
         dev = copy.deepcopy(cpu).to(device)
         ref = _stream(cpu, segments)  # (b, k·n, V)
         out = _stream(dev, segments).cpu()  # (b, k·n, V)
-        state_devices = {t.device.type for layer in dev.memory_state().values() for t in layer.values()}
+        state_devices = {t.device.type for layer in dev.memory_state()["layers"].values() for t in layer.values()}
         dev.reset_memory()
         probe = segments[0].to(device)  # (b, n)
         with torch.no_grad(), dev.memory_disabled():

@@ -10,20 +10,16 @@ are imported by their adapter when a model of theirs is wrapped.
 
 from .config import MemoryConfig
 from .interface import AttentionDims, HostAttention, MemoryAttention, MemoryBackend, MemoryRead, MemoryState
-from .layer import LayerMemory, MemoryController
+from .controller import LayerMemory, MemoryController, MemoryHook
 from .model import MemoryModel, wrap
 from .registry import create_backend, create_config, get_spec, list_memories, register_memory, unregister_memory
 from .runner import SegmentRunner, SegmentOutput
+# Built-in memories: each registers itself in its own folder (@register_memory on its backend).
 from .xl import XLConfig, XLMemory
 from .continuous import ContinuousConfig, ContinuousMemory
 from .compressive import CompressiveConfig, CompressiveMemory
 
-# Built-in memories: one explicit registration per backend.
-register_memory("xl", XLConfig, XLMemory)
-register_memory("continuous", ContinuousConfig, ContinuousMemory)
-register_memory("compressive", CompressiveConfig, CompressiveMemory)
-
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "AttentionDims",
@@ -37,6 +33,7 @@ __all__ = [
     "MemoryBackend",
     "MemoryConfig",
     "MemoryController",
+    "MemoryHook",
     "MemoryModel",
     "MemoryRead",
     "MemoryState",

@@ -1,21 +1,29 @@
 """``wrap()``: give any supported transformer a memory in one line, and take it away again.
 
 The wrapped model keeps the host's forward signature; every call is one segment of a stream and the
-memory carries over to the next call. Parameters of the base model keep their ``state_dict`` names;
-memory parameters live under the ``memory.`` prefix.
+memory carries over to the next call. A call either completes and commits the new memory of every
+layer at once, or fails and leaves the memory as it was. Parameters of the base model keep their
+``state_dict`` names; memory parameters live under the ``memory.`` prefix.
 """
 
 from __future__ import annotations
 
+import json
 from contextlib import contextmanager
+from dataclasses import asdict
+from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
+import torch
 from torch import Tensor, nn
 
 from .config import MemoryConfig
-from .interface import MemoryState
-from .layer import LayerMemory, MemoryController
-from .registry import create_backend, create_config
+from .controller import MemoryController, MemoryHook
+from .registry import create_backend, create_config, get_spec
+
+MEMORY_WEIGHTS = "memory.safetensors"
+MEMORY_CONFIG = "memory_config.json"
+MEMORY_STATE = "memory_state.safetensors"
 
 _MEMORY_PREFIX = "memory."
 _BASE_PREFIX = "model."
@@ -33,6 +41,7 @@ class MemoryModel(nn.Module):
         self.adapter_name = adapter
         self._remove_hooks = remove_hooks
         self._pre_hook = model.register_forward_pre_hook(_BeginForward(memory))
+        self._post_hook = model.register_forward_hook(_CommitForward(memory))
         # Base-model keys stay as they were: strip / restore the "model." level around state_dict().
         self._hooks = [
             self.register_state_dict_post_hook(_strip_base_prefix),
@@ -41,7 +50,11 @@ class MemoryModel(nn.Module):
         ]
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        return self.model(*args, **kwargs)
+        try:
+            return self.model(*args, **kwargs)
+        except BaseException:  # KeyboardInterrupt too: the failed segment leaves no trace
+            self.memory.abort()
+            raise
 
     def __getattr__(self, name: str) -> Any:
         # Fall back to the base model for everything we do not define (config, generate, ...).
@@ -74,22 +87,92 @@ class MemoryModel(nn.Module):
         """Weighted sum of the memories' auxiliary losses (KL, attention reconstruction) of the last forward."""
         return self.memory.aux_loss()
 
-    def memory_state(self) -> dict[str, MemoryState | None]:
-        """A detached copy of the memory state of every layer, for saving or resuming a stream."""
+    def memory_state(self) -> dict[str, Any]:
+        """A detached copy of the memory state, for saving or resuming a stream:
+        ``{"format", "memory", "fingerprint", "layers": {layer name: {key: tensor} or None}}``."""
         return self.memory.get_state()
 
-    def set_memory_state(self, state: dict[str, MemoryState | None]) -> None:
-        """Restore a state from :meth:`memory_state` (this model's or an identical one's)."""
-        self.memory.set_state(state)
+    def set_memory_state(self, state: dict[str, Any], *, strict: bool = True) -> None:
+        """Restore a state from :meth:`memory_state` (this model's or one with the same memory options).
+
+        Every layer, key, shape, dtype, batch size and value is checked first (a clear error names the
+        layer, key, expected and found); floating tensors are converted to this model's dtype and
+        device. ``strict=False`` accepts a state saved under other options of the same memory."""
+        self.memory.set_state(state, strict=strict)
 
     def detach_memory(self) -> None:
         """Cut the autograd graph through the memory (for truncated BPTT with ``detach=False``)."""
         self.memory.detach()
 
+    # -- generation, saving and loading -----------------------------------------------------------
+    @torch.no_grad()
+    def generate(self, *args: Any, write_memory: bool = False, **kwargs: Any) -> Any:
+        """The base model's ``generate()`` with the memory read at every step and never written, unless
+        ``write_memory``: then the prompt and the generated tokens are written afterwards as one
+        segment (one forward), so that the next call continues the stream. The same rule holds with
+        ``use_cache=False``, where the base model re-reads the growing prefix at every step."""
+        if not hasattr(self.model, "generate"):
+            raise AttributeError(
+                f"{type(self.model).__name__} has no generate(); for segment-wise sampling use "
+                "memory_plugins.generation.generate(model, prompt, max_new_tokens, segment_len=...)")
+        with self.memory_frozen():
+            out = self.model.generate(*args, **kwargs)
+        if write_memory:
+            sequences = out if isinstance(out, Tensor) else out.sequences  # (b, t + T)
+            self(sequences)
+        return out
+
+    def save_pretrained(self, directory: str | Path, *, save_memory_state: bool = False, **kwargs: Any) -> None:
+        """Save the base model (its own ``save_pretrained`` if it has one, else ``model.pt``) and,
+        beside it, the memory's weights (``memory.safetensors``) and config (``memory_config.json``);
+        ``save_memory_state`` also saves the current stream's state (``memory_state.safetensors``)."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        if hasattr(self.model, "save_pretrained"):
+            self.model.save_pretrained(directory, **kwargs)
+        else:
+            torch.save(self.model.state_dict(), directory / "model.pt")
+        _save_tensors({k: v.detach() for k, v in self.memory.state_dict().items()}, directory / MEMORY_WEIGHTS)
+        config = self.memory_config
+        meta = {"memory": type(config).name, "options": asdict(config), "targets": list(self.memory.names),
+                "adapter": self.adapter_name}
+        (directory / MEMORY_CONFIG).write_text(json.dumps(meta, indent=2))
+        if save_memory_state:
+            state = self.memory_state()
+            flat = {f"{layer}|{key}": t for layer, s in state["layers"].items() if s is not None for key, t in s.items()}
+            _save_tensors(flat, directory / MEMORY_STATE, {"fingerprint": state["fingerprint"]})
+
+    @classmethod
+    def from_pretrained(cls, model: nn.Module, directory: str | Path) -> "MemoryModel":
+        """Wrap ``model`` (the base model, already loaded from ``directory``) with the memory saved by
+        :meth:`save_pretrained`: its config, weights and, if saved, stream state."""
+        directory = Path(directory)
+        path = directory / MEMORY_CONFIG
+        if not path.exists():
+            raise FileNotFoundError(f"from_pretrained: no {MEMORY_CONFIG} in {directory}; was it saved by "
+                                    "MemoryModel.save_pretrained?")
+        meta = json.loads(path.read_text())
+        fields = get_spec(meta["memory"]).config_cls.option_names()
+        options = {k: tuple(v) if isinstance(v, list) else v for k, v in meta["options"].items() if k in fields}
+        wrapped = wrap(model, meta["memory"], targets=meta["targets"], **options)
+        p = next(model.parameters(), None)
+        device = p.device if p is not None else torch.device("cpu")
+        wrapped.memory.load_state_dict(_load_tensors(directory / MEMORY_WEIGHTS, device), strict=True)
+        state_file = directory / MEMORY_STATE
+        if state_file.exists():
+            layers: dict[str, dict[str, Tensor] | None] = {name: None for name in wrapped.memory.names}
+            for key, t in _load_tensors(state_file, device).items():
+                layer, name = key.rsplit("|", 1)
+                layers[layer] = {**(layers.get(layer) or {}), name: t}
+            wrapped.set_memory_state({"format": 2, "memory": meta["memory"], "fingerprint": wrapped.memory.fingerprint,
+                                      "layers": layers})
+        return wrapped
+
     def unwrap(self) -> nn.Module:
         """Remove every hook and return the original model object, as it was before :func:`wrap`."""
         self._remove_hooks()
         self._pre_hook.remove()
+        self._post_hook.remove()
         for h in self._hooks:
             h.remove()
         self._remove_hooks = _already_unwrapped
@@ -108,7 +191,39 @@ class _BeginForward:
         self.memory = memory
 
     def __call__(self, module: nn.Module, args: Any) -> None:
-        self.memory.begin_forward()
+        self.memory.begin()
+
+
+class _CommitForward:
+    """Forward hook on the base model: the forward returned, so every layer's new state is committed."""
+
+    def __init__(self, memory: MemoryController) -> None:
+        self.memory = memory
+
+    def __call__(self, module: nn.Module, args: Any, output: Any) -> None:
+        self.memory.commit()
+
+
+def _save_tensors(tensors: dict[str, Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
+    """safetensors when installed (the ``hf`` extra), else torch.save to the same name."""
+    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}
+    try:
+        from safetensors.torch import save_file
+    except ImportError:
+        torch.save(tensors, path)
+        return
+    save_file(tensors, str(path), metadata=metadata)
+
+
+def _load_tensors(path: Path, device: torch.device) -> dict[str, Tensor]:
+    try:
+        from safetensors.torch import load_file
+    except ImportError:
+        return torch.load(path, map_location=device, weights_only=True)
+    try:
+        return load_file(str(path), device=str(device))
+    except Exception:  # written by torch.save where safetensors was missing
+        return torch.load(path, map_location=device, weights_only=True)
 
 
 def _strip_base_prefix(module: nn.Module, state_dict: dict, prefix: str, local_metadata: dict) -> None:
@@ -153,13 +268,13 @@ def wrap(
     if not found:
         raise ValueError(f"adapter {adapter.name!r} found no attention layer to extend in {type(model).__name__}")
     shared = nn.ModuleDict()
-    backends = [create_backend(config, t.dims, shared) for t in found]
-    controller = MemoryController(backends, [t.name for t in found], shared)
+    backends = [create_backend(config, t.host, shared) for t in found]
+    controller = MemoryController(backends, [t.name for t in found], shared, config)
     p = next(model.parameters(), None)
     if p is not None:
         controller.to(device=p.device)
         if p.is_floating_point():
             controller.to(dtype=p.dtype)
-    hooks = [LayerMemory(controller, i, t.name, t.host) for i, t in enumerate(found)]
+    hooks = [MemoryHook(controller, i, t.name, t.host) for i, t in enumerate(found)]
     remove = adapter.attach(model, found, hooks)
     return MemoryModel(model, controller, config, adapter.name, remove)

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 import memory_plugins as mp
-from memory_plugins import AttentionDims, MemoryConfig, MemoryRead
+from memory_plugins import HostAttention, MemoryConfig, MemoryRead
 
 # The suite runs on the CPU (CI). ``MEMORY_PLUGINS_TEST_DEVICE=cuda pytest`` runs it on a GPU: the tests
 # build their models and tensors with torch's default device, which is then that device, with TF32 off so
@@ -65,25 +65,26 @@ class ProbeConfig(MemoryConfig):
 
 
 class ProbeMemory(nn.Module):
-    """Records the (x, q) it is given; returns ``output = tanh(x R)`` and no K/V sources."""
+    """Records the (x, q, valid) it is given; returns ``output = tanh(x R)`` and no K/V sources."""
 
-    def __init__(self, config: ProbeConfig, dims: AttentionDims, shared: nn.ModuleDict) -> None:
+    uses_queries = True
+
+    def __init__(self, config: ProbeConfig, host: HostAttention, shared: nn.ModuleDict) -> None:
         super().__init__()
-        self.r = nn.Parameter(torch.randn(dims.embed_dim, dims.embed_dim))
+        self.r = nn.Parameter(torch.randn(host.embed_dim, host.embed_dim))
         self.seen: list[tuple[Tensor, Tensor | None]] = []
+        self.valids: list[Tensor | None] = []
 
     def init_state(self, batch_size: int, device: torch.device, dtype: torch.dtype) -> dict:
         return {"n": torch.zeros(batch_size, device=device)}
 
-    def read(self, state: dict, x: Tensor, q: Tensor | None) -> MemoryRead:
+    def step(self, state: dict, x: Tensor, q: Tensor | None, valid: Tensor | None) -> tuple[MemoryRead, dict]:
         self.seen.append((x, q))
-        return MemoryRead(output=torch.tanh(x @ self.r))  # (b, n, e)
-
-    def write(self, state: dict, x: Tensor, host: object, read: object) -> tuple[dict, None]:
-        return {"n": state["n"] + 1}, None
+        self.valids.append(valid)
+        return MemoryRead(output=torch.tanh(x @ self.r)), {"n": state["n"] + 1}  # (b, n, e)
 
     def reset(self, state: dict, mask: Tensor) -> dict:
-        return {"n": state["n"] * (~mask)}
+        return {"n": torch.where(mask, torch.zeros_like(state["n"]), state["n"])}
 
 
 @pytest.fixture

@@ -88,6 +88,7 @@ def _wrapped(name: str, base: nn.Module, **overrides: Any) -> mp.MemoryModel:
 
 
 def _state_close(a: dict, b: dict, tol: float = 1e-6) -> bool:
+    a, b = a["layers"], b["layers"]
     return a.keys() == b.keys() and all(
         (a[k] is None) == (b[k] is None)
         and (a[k] is None or (a[k].keys() == b[k].keys() and all(
@@ -236,9 +237,9 @@ def test_generate_reads_the_memory_at_every_step_with_the_kv_cache(host: str, na
     with wrapped.memory_disabled():
         plain = wrapped.generate(prompt, **kwargs)
     assert _max(plain.logits[0], out.logits[0]) > 1e-4  # the memory was read from the first step on
-    # The helper writes prompt + generated tokens afterwards, as one segment.
+    # Asked to (write_memory=True), generate writes prompt + generated tokens afterwards, as one segment.
     twin = copy.deepcopy(wrapped)
-    done = hf.generate(wrapped, prompt, **kwargs)
+    done = wrapped.generate(prompt, write_memory=True, **kwargs)
     with torch.no_grad():
         twin(done.sequences, use_cache=False)
     assert torch.equal(done.sequences, seq)

@@ -59,6 +59,7 @@ def _wrapped(name: str, net: nn.Module) -> mp.MemoryModel:
 
 
 def _state_close(a: dict, b: dict, tol: float = 1e-5) -> bool:
+    a, b = a["layers"], b["layers"]
     return a.keys() == b.keys() and all(
         (a[k] is None) == (b[k] is None)
         and (a[k] is None or (a[k].keys() == b[k].keys() and all(
@@ -71,7 +72,9 @@ def _state_close(a: dict, b: dict, tol: float = 1e-5) -> bool:
 # -- the key test: x-transformers' own Transformer-XL path --------------------------------------------------
 
 
-@pytest.mark.parametrize("padded", [False, True])
+# Unpadded only: x-transformers' native mems store padded positions too (masked by mem_mask), while our
+# memories never store padding (tests/test_padding.py checks a padded batch against unpadded streams).
+@pytest.mark.parametrize("padded", [False])
 @pytest.mark.parametrize("positions", list(POSITIONS))
 def test_xl_equals_native_max_mem_len_and_mems(positions: str, padded: bool) -> None:
     M = 12  # not a multiple of N: the memory is partly filled, then slides

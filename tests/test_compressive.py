@@ -19,9 +19,21 @@ from memory_plugins.models.reference import Attention, ReferenceDecoder
 from .conftest import DEVICE, make_generator
 
 
-def make(e: int = 4, heads: int = 1, **options: object) -> CompressiveMemory:
+def make(e: int = 4, heads: int = 1, host: HostAttention | None = None, **options: object) -> CompressiveMemory:
     cfg = CompressiveConfig(**options)  # type: ignore[arg-type]
-    return CompressiveMemory(cfg, AttentionDims(e, heads, e // heads), nn.ModuleDict())
+    return CompressiveMemory(cfg, host if host is not None else AttentionDims(e, heads, e // heads), nn.ModuleDict())
+
+
+def write(mem: CompressiveMemory, state: dict, x: Tensor) -> tuple[dict, Tensor | None]:
+    """One step of ``x``: the new state and the step's aux loss (the attention-reconstruction loss)."""
+    read, state = mem.step(state, x, None, None)
+    return state, read.aux_loss
+
+
+def held(state: dict, key: str, valid_key: str) -> Tensor:
+    """The valid vectors of ``key`` per sample (b, k, e): every sample holds as many here."""
+    vec, valid = state[key], state[valid_key]
+    return vec[valid].view(vec.shape[0], -1, vec.shape[-1])
 
 
 def make_host(e: int, heads: int) -> tuple[Attention, HostAttention]:
@@ -35,9 +47,9 @@ def indexed(b: int, start: int, n: int, e: int, dtype: torch.dtype = torch.float
     return (t[None, :, None] + 10_000 * torch.arange(b, dtype=dtype)[:, None, None]).expand(b, n, e).clone()  # (b, n, e)
 
 
-def write_all(mem: CompressiveMemory, state: dict, xs: list[Tensor], host: HostAttention | None = None) -> dict:
+def write_all(mem: CompressiveMemory, state: dict, xs: list[Tensor]) -> dict:
     for x in xs:
-        state, _ = mem.write(state, x, host, mem.read(state, x, None))
+        state, _ = write(mem, state, x)
     return state
 
 
@@ -82,7 +94,7 @@ def test_rate_one_identity_equals_xl_with_both_lengths(compression: str) -> None
             differs_from_short |= (short - b).abs().max().item() > 1e-3
             assert comp.memory_aux_loss().item() == 0.0  # nothing to train, nothing reported
     assert differs_from_short  # the compressed memory was actually read
-    state = comp.memory_state()
+    state = comp.memory_state()["layers"]
     assert all(s["cmem"].shape[1] == 6 and s["pending"].shape[1] == 0 for s in state.values())
 
 
@@ -141,9 +153,9 @@ def test_conv_keeps_oldest_to_newest_order_through_the_fifos(tap: int) -> None:
     off = 10_000 * torch.arange(2, dtype=torch.float64)[:, None, None]  # (b, 1, 1)
     groups = torch.tensor([15.0, 18.0, 21.0], dtype=torch.float64) + tap
     assert state["cmem"].shape == (2, 3, e) and torch.equal(state["cmem"], (groups[None, :, None] + off).expand(2, 3, e))
-    assert torch.equal(state["pending"], indexed(2, 24, 2, e))
+    assert torch.equal(held(state, "pending", "pending_valid"), indexed(2, 24, 2, e))
     assert torch.equal(state["mem"], indexed(2, 26, 4, e))
-    read = mem.read(state, indexed(2, 30, 5, e), None)
+    read, _ = mem.step(state, indexed(2, 30, 5, e), None, None)
     assert torch.equal(read.kv_source[:, :3], state["cmem"]) and torch.equal(read.kv_source[:, 3:], state["mem"])
     assert read.kv_mask.shape == (2, 7) and bool(read.kv_mask.all())
 
@@ -159,7 +171,7 @@ def test_state_bounded_over_1000_writes_and_partial_groups_never_lost() -> None:
     total = 0
     for _ in range(1000):
         n = int(torch.randint(1, 2 * mem_len + 2 * c, (1,), generator=gen))
-        state, aux = mem.write(state, indexed(2, total, n, e), None, None)
+        state, aux = write(mem, state, indexed(2, total, n, e))
         total += n
         assert aux is None
         m = min(total, mem_len)
@@ -167,58 +179,60 @@ def test_state_bounded_over_1000_writes_and_partial_groups_never_lost() -> None:
         p, groups = evicted % c, evicted // c
         k = min(groups, cmem_len)
         assert state["mem"].shape == (2, m, e) and torch.equal(state["mem"], indexed(2, total - m, m, e))
-        assert state["pending"].shape == (2, p, e) and torch.equal(state["pending"], indexed(2, evicted - p, p, e))
+        assert state["pending"].shape[1] <= c - 1  # bounded, whatever was written
+        assert torch.equal(held(state, "pending", "pending_valid"), indexed(2, evicted - p, p, e))
         assert state["cmem"].shape == (2, k, e)
         centres = c * torch.arange(groups - k, groups, dtype=torch.float64) + (c - 1) / 2  # mean of each group
         expected = centres[None, :, None] + 10_000 * torch.arange(2, dtype=torch.float64)[:, None, None]
         assert torch.equal(state["cmem"], expected.expand(2, k, e))
-        assert all(bool(state[v].all()) for v in ("valid", "cmem_valid", "pending_valid"))
+        assert all(bool(state[v].all()) for v in ("valid", "cmem_valid"))
     assert total > 5000 and sum(v.numel() for v in state.values()) <= 2 * (mem_len + cmem_len + c) * (e + 1)
 
 
 def test_reset_is_per_sample_and_leaves_others_bit_identical() -> None:
     torch.manual_seed(0)
-    mem = make(e=8, heads=2, mem_len=5, cmem_len=4, compression="conv", compression_rate=3)
     _, host = make_host(8, 2)
+    mem = make(host=host, mem_len=5, cmem_len=4, compression="conv", compression_rate=3)
     xs = [torch.randn(3, 4, 8) for _ in range(9)]
-    state = write_all(mem, mem.init_state(3, DEVICE, torch.float32), xs[:4], host)
-    assert state["mem"].shape[1] and state["cmem"].shape[1] and state["pending"].shape[1]  # all parts in use
+    state = write_all(mem, mem.init_state(3, DEVICE, torch.float32), xs[:4])
+    assert state["mem"].shape[1] and state["cmem"].shape[1] and state["pending_valid"].any()  # all parts in use
     mask = torch.tensor([False, True, False])
     reset = mem.reset(state, mask)
     for key, value in state.items():
         assert torch.equal(reset[key][~mask], value[~mask]), key
         assert not reset[key][1].any(), key  # zeroed vectors, invalid slots
-    # The others keep evolving exactly as if nobody had been reset; sample 1 differs while its memory
-    # still holds slots from before the reset, and only until then.
-    after_reset, untouched = write_all(mem, reset, xs[4:6], host), write_all(mem, state, xs[4:6], host)
+    # The others keep evolving exactly as if nobody had been reset; sample 1 holds exactly what a
+    # fresh stream of it holds (its valid vectors, in order).
+    after_reset, untouched = write_all(mem, reset, xs[4:]), write_all(mem, state, xs[4:])
+    fresh = write_all(mem, mem.init_state(1, DEVICE, torch.float32), [x[1:2] for x in xs[4:]])
     for key in state:
         assert torch.equal(after_reset[key][~mask], untouched[key][~mask]), key
-    assert not after_reset["cmem_valid"][1, 0] and not torch.equal(after_reset["cmem"][1], untouched["cmem"][1])
-    after_reset, untouched = write_all(mem, after_reset, xs[6:], host), write_all(mem, untouched, xs[6:], host)
-    assert all(torch.equal(after_reset[key], untouched[key]) for key in state)
+    for vec, val in (("mem", "valid"), ("cmem", "cmem_valid"), ("pending", "pending_valid")):
+        torch.testing.assert_close(after_reset[vec][1][after_reset[val][1]], fresh[vec][0][fresh[val][0]])
 
 
-def test_group_straddling_a_reset_is_compressed_from_its_valid_vectors() -> None:
+def test_a_reset_sample_forms_its_groups_from_its_new_stream_only() -> None:
     mem = make(e=1, mem_len=2, cmem_len=4, compression="mean", compression_rate=4)
     state = mem.init_state(2, DEVICE, torch.float64)
     state = write_all(mem, state, [indexed(2, 0, 5, 1)])  # mem 3,4; pending 0,1,2
     state = mem.reset(state, torch.tensor([True, False]))
-    state = write_all(mem, state, [indexed(2, 5, 4, 1)])  # evicts 3,4,5,6 → one group 0..3, pending 4,5,6
-    assert state["cmem_valid"].tolist() == [[False], [True]]
+    state = write_all(mem, state, [indexed(2, 5, 4, 1)])  # sample 1 evicts 3,4,5,6 → group 0..3, pending 4,5,6
+    assert state["cmem_valid"].tolist() == [[False], [True]]  # sample 0: 5, 6 wait (its stream restarted at 5)
     assert state["cmem"][:, 0, 0].tolist() == [0.0, 10_001.5]
-    state = write_all(mem, state, [indexed(2, 9, 1, 1)])  # evicts 7 → group (4 reset, 5, 6, 7 after it)
-    assert state["cmem_valid"].tolist() == [[False, True], [True, True]]
-    assert state["cmem"][0, 1, 0].item() == 6.0  # mean of 5, 6, 7: the reset slot is left out
-    assert state["cmem"][1, 1, 0].item() == 10_005.5
+    state = write_all(mem, state, [indexed(2, 9, 2, 1)])  # evicts 7, 8 → sample 0: group 5..8; sample 1: 4..7
+    assert state["cmem_valid"][:, -1].tolist() == [True, True]
+    assert state["cmem"][0, -1, 0].item() == 6.5 and state["cmem"][1, -1, 0].item() == 10_005.5
+    assert state["pending"][1][state["pending_valid"][1]][:, 0].tolist() == [10_008.0]
+    assert not state["pending_valid"][0].any()
 
 
 def test_detached_state_has_no_graph_and_compressed_memory_is_always_detached() -> None:
     _, host = make_host(8, 2)
     for detach in (True, False):
-        mem = make(e=8, heads=2, mem_len=4, cmem_len=4, compression_rate=2, detach=detach)
+        mem = make(host=host, mem_len=4, cmem_len=4, compression_rate=2, detach=detach)
         state = mem.init_state(2, DEVICE, torch.float32)
         xs = [torch.randn(2, 3, 8, requires_grad=True) for _ in range(4)]
-        state = write_all(mem, state, xs, host)
+        state = write_all(mem, state, xs)
         for key, value in state.items():
             keeps_graph = not detach and key == "mem"
             assert (value.grad_fn is not None) == keeps_graph, (detach, key)
@@ -229,25 +243,25 @@ def test_reconstruction_loss_value_weight_and_switches() -> None:
     torch.manual_seed(1)
     e, h, c = 8, 2, 2
     _, host = make_host(e, h)
-    mem = make(e=e, heads=h, mem_len=4, cmem_len=4, compression_rate=c, recon_weight=0.5)
-    state = write_all(mem, mem.init_state(2, DEVICE, torch.float32), [torch.randn(2, 4, e)], host)
+    mem = make(host=host, mem_len=4, cmem_len=4, compression_rate=c, recon_weight=0.5)
+    state = write_all(mem, mem.init_state(2, DEVICE, torch.float32), [torch.randn(2, 4, e)])
     old = state["mem"]  # all four are evicted by the next write of 4
     x = torch.randn(2, 4, e)
-    _, aux = mem.write(state, x, host, None)
+    _, aux = write(mem, state, x)
     with torch.no_grad():
         q = host.project_q(x)  # (b, h, n, d)
         k, v = host.project_kv(old)
         kc, vc = host.project_kv(mem.compress(old, torch.ones(2, 4, dtype=torch.bool))[0])
         expected = F.mse_loss(F.scaled_dot_product_attention(q, kc, vc), F.scaled_dot_product_attention(q, k, v))
     torch.testing.assert_close(aux, 0.5 * expected)
-    assert make(e=e, heads=h, mem_len=4, compression_rate=c, recon_weight=0.0).write(state, x, host, None)[1] is None
-    assert make(e=e, heads=h, mem_len=4, compression_rate=c, compression="max").write(state, x, host, None)[1] is None
-    assert mem.eval().write(state, x, host, None)[1] is None  # a training signal: not computed in eval()
+    assert write(make(host=host, mem_len=4, compression_rate=c, recon_weight=0.0), state, x)[1] is None
+    assert write(make(host=host, mem_len=4, compression_rate=c, compression="max"), state, x)[1] is None
+    assert write(mem.eval(), state, x)[1] is None  # a training signal: not computed in eval()
     mem.train()
     # A sample whose compressed vectors were all reset does not count: the loss is that of the others.
     reset = mem.reset(state, torch.tensor([False, True]))
     alone = {key: value[:1] for key, value in state.items()}
-    torch.testing.assert_close(mem.write(reset, x, host, None)[1], mem.write(alone, x[:1], host, None)[1])
+    torch.testing.assert_close(write(mem, reset, x)[1], write(mem, alone, x[:1])[1])
 
 
 def test_training_on_reconstruction_loss_lowers_it_and_never_touches_the_host() -> None:
@@ -255,12 +269,12 @@ def test_training_on_reconstruction_loss_lowers_it_and_never_touches_the_host() 
     e, h, c, n = 16, 2, 4, 8
     attn, host = make_host(e, h)
     # detach=False: the evicted vectors still carry their graph, so the stop-gradient is the backend's.
-    mem = make(e=e, heads=h, mem_len=n, cmem_len=8, compression_rate=c, detach=False)
+    mem = make(host=host, mem_len=n, cmem_len=8, compression_rate=c, detach=False)
     opt = torch.optim.Adam(mem.parameters(), lr=1e-2)
 
     def loss_on(prev: Tensor, x: Tensor) -> Tensor:
-        state = write_all(mem, mem.init_state(prev.shape[0], prev.device, prev.dtype), [prev], host)
-        _, aux = mem.write(state, x, host, None)  # evicts all of prev: two groups of c
+        state = write_all(mem, mem.init_state(prev.shape[0], prev.device, prev.dtype), [prev])
+        _, aux = write(mem, state, x)  # evicts all of prev: two groups of c
         return aux
 
     held_out = (torch.randn(8, n, e), torch.randn(8, n, e))
@@ -306,8 +320,8 @@ def test_float64_end_to_end() -> None:
     )
     for _ in range(4):
         out = model(torch.randint(0, 20, (2, 5)))
-    state = model.memory_state()["blocks.0.attn"]
+    state = model.memory_state()["layers"]["blocks.0.attn"]
     assert out.dtype == torch.float64 and all(v.dtype in (torch.float64, torch.bool) for v in state.values())
-    assert state["cmem"].shape == (2, 2, 16) and state["pending"].shape == (2, 0, 16)  # 16 evicted = 4 groups
+    assert state["cmem"].shape == (2, 2, 16) and not state["pending_valid"].any()  # 16 evicted = 4 groups
     aux = model.memory_aux_loss()
     assert aux.item() > 0 and torch.isfinite(aux)  # (the controller sums aux losses in float32)

@@ -18,7 +18,6 @@ from torch import nn
 
 import memory_plugins as mp
 from memory_plugins.continuous import ContinuousConfig, ContinuousMemory
-from memory_plugins.continuous.backend import stretch_valid
 from memory_plugins.continuous.basis import (
     BasisCache,
     basis_values,
@@ -51,14 +50,18 @@ def make(e: int = 8, h: int = 2, d: int = 4, open_gate: bool = False, **options)
 
 
 def stream(mem: ContinuousMemory, xs: list[torch.Tensor], qs: list[torch.Tensor], state=None):
-    """Read then write every segment, as the controller does; returns (reads, final state)."""
+    """One step per segment, as the controller does; returns (reads, final state)."""
     state = state if state is not None else mem.init_state(xs[0].shape[0], DEVICE, torch.float32)
     reads = []
     for x, q in zip(xs, qs):
-        read = mem.read(state, x, q)
-        state, _ = mem.write(state, x, None, read)
+        read, state = mem.step(state, x, q, None)
         reads.append(read)
     return reads, state
+
+
+def read_of(mem: ContinuousMemory, state: dict, x: torch.Tensor, q: torch.Tensor):
+    """The read a step makes (its new state discarded, as inside memory_frozen())."""
+    return mem.step(state, x, q, None)[0]
 
 
 def ridge_svd(f: torch.Tensor, lam: float) -> torch.Tensor:
@@ -75,6 +78,17 @@ def psi64(t: torch.Tensor, n_basis: int, widths: tuple[float, ...]) -> torch.Ten
     w = torch.tensor([wi for wi in widths for _ in centres.tolist()], dtype=torch.float64)
     t = t.double()[..., None]
     return torch.exp(-((t - c) ** 2) / (2 * w**2)) / (w * math.sqrt(2 * math.pi))
+
+
+def ridge_fit64(t: list[float], n_basis: int, widths: tuple[float, ...], lam: float, pad: bool) -> torch.Tensor:
+    """Reference G (L, N) for vectors at ``t`` (SVD ridge). With ``pad``, zero targets at ⌈L/2⌉ cell
+    centres of [-0.5, 0) and as many of (1, 1.5], each weighing 1/4 of a vector (columns of F × ½)."""
+    f = psi64(torch.tensor(t, dtype=torch.float64), n_basis, widths).T  # (N, L)
+    if pad:
+        z = (len(t) + 1) // 2
+        out = [-0.5 + 0.5 * (k + 0.5) / z for k in range(z)] + [1 + 0.5 * (k + 0.5) / z for k in range(z)]
+        f = torch.cat([f, 0.5 * psi64(torch.tensor(out, dtype=torch.float64), n_basis, widths).T], 1)  # (N, L + 2Z)
+    return ridge_svd(f, lam)[: len(t)]  # (L, N)
 
 
 # -- configuration -----------------------------------------------------------------------------------
@@ -103,8 +117,8 @@ def test_config_rejects_bad_values_naming_parameter_value_and_range() -> None:
 
 def test_settings_whose_update_amplifies_are_refused_at_wrap_time() -> None:
     """N = 16 with the paper's widths leaves gaps between its 8 centres (spacing 0.14 ≫ 0.05): the
-    linear update's transition matrix then has spectral radius ≈ 2.1 and an idle memory overflows
-    within ~120 updates. Wider widths give ≈ 0.77; so do the defaults (N = 512: 0.74)."""
+    linear update's transition matrix then has spectral radius ≈ 2.0 and an idle memory overflows
+    within ~120 updates. Wider widths give ≈ 0.65; so do the defaults (N = 512: 0.63)."""
     with pytest.raises(ValueError, match=r"n_basis=16, basis_widths=\(0.01, 0.05\).*amplifies old content"):
         mp.wrap(ReferenceDecoder(dim=16, depth=1, heads=2), "continuous", n_basis=16)
     with pytest.raises(ValueError, match="n_samples=16.*amplifies"):
@@ -132,12 +146,7 @@ def test_regression_matrix_equals_float64_svd_reference(pad: bool) -> None:
     def reference(m: int, p: int) -> torch.Tensor:
         past = [tau * (i + 0.5) / m for i in range(m)]
         new = [(tau if m else 0.0) + (1 - (tau if m else 0.0)) * (j + 0.5) / p for j in range(p)]
-        t = torch.tensor(past + new, dtype=torch.float64)
-        if pad:  # zero targets on [-0.5, 0) and (1, 1.5] at the data's mean density
-            z = (len(t) + 1) // 2
-            out = [-0.5 + 0.5 * (k + 0.5) / z for k in range(z)] + [1 + 0.5 * (k + 0.5) / z for k in range(z)]
-            t = torch.cat([t, torch.tensor(out, dtype=torch.float64)])
-        return ridge_svd(psi64(t, n_basis, widths).T, lam)[: m + p]  # (M + P, N)
+        return ridge_fit64(past + new, n_basis, widths, lam, pad)  # (M + P, N)
 
     for m, p in [(0, 20), (32, 7), (16, 40)]:
         g = cache.regression(m, p, DEVICE, torch.float32)  # (M + P, N)
@@ -262,7 +271,7 @@ def test_read_equals_naive_reference_with_materialised_scores() -> None:
     state["coef"] = torch.randn(2, 24, 10)
     state["has_ltm"] = torch.tensor([True, True])
     q = 3 * torch.randn(2, 3, 5, 4)
-    read = mem.read(state, torch.randn(2, 5, 10), q)
+    read = read_of(mem, state, torch.randn(2, 5, 10), q)
     out, mu, sigma2 = naive_read(mem, state["coef"], q)
     assert (read.output.double() - out).abs().max() <= 1e-5 * out.abs().max()
     assert (read.info["mu"].double() - mu).abs().max() <= 1e-6
@@ -275,7 +284,7 @@ def test_kl_regulariser_eqs_20_21() -> None:
     mem = make(n_basis=8, basis_widths=WIDE, kl_weight=0.1, sigma_0=0.05).train()
     state = mem.init_state(3, DEVICE, torch.float32)
     state["coef"], state["has_ltm"] = torch.randn(3, 8, 8), torch.tensor([True, False, True])
-    read = mem.read(state, torch.randn(3, 6, 8), torch.randn(3, 2, 6, 4))
+    read = read_of(mem, state, torch.randn(3, 6, 8), torch.randn(3, 2, 6, 4))
     s2 = read.info["sigma2"].double()
     kl = 0.5 * (s2 / 0.05**2 - torch.log(s2 / 0.05**2) - 1)  # (b, h, n)
     expected = 0.1 * kl.sum(1).mean(-1)[[0, 2]].mean()  # sum over heads, mean over queries and samples with LTM
@@ -284,11 +293,11 @@ def test_kl_regulariser_eqs_20_21() -> None:
     assert mem.sigma_map.weight.grad.abs().sum() > 0
     with_mu = make(n_basis=8, basis_widths=WIDE, kl_weight=0.1, mu_prior=0.5).train()
     with_mu.load_state_dict(mem.state_dict())
-    read2 = with_mu.read(state, torch.randn(3, 6, 8), torch.randn(3, 2, 6, 4))
+    read2 = read_of(with_mu, state, torch.randn(3, 6, 8), torch.randn(3, 2, 6, 4))
     mu2, s22 = read2.info["mu"].double(), read2.info["sigma2"].double()
     kl2 = 0.5 * (s22 / 0.05**2 - torch.log(s22 / 0.05**2) - 1 + (mu2 - 0.5) ** 2 / 0.05**2)
     assert torch.allclose(read2.aux_loss.double(), 0.1 * kl2.sum(1).mean(-1)[[0, 2]].mean(), rtol=1e-5)
-    assert mem.eval().read(state, torch.randn(3, 6, 8), torch.randn(3, 2, 6, 4)).aux_loss is None  # training only
+    assert read_of(mem.eval(), state, torch.randn(3, 6, 8), torch.randn(3, 2, 6, 4)).aux_loss is None  # training only
 
 
 def test_evaluation_under_bf16_autocast_keeps_gaussians_in_float32() -> None:
@@ -297,9 +306,9 @@ def test_evaluation_under_bf16_autocast_keeps_gaussians_in_float32() -> None:
     state = mem.init_state(2, DEVICE, torch.float32)
     state["coef"], state["has_ltm"] = torch.randn(2, 16, 8), torch.tensor([True, True])
     x, q = torch.randn(2, 5, 8), torch.randn(2, 2, 5, 4)
-    ref = mem.read(state, x, q)
+    ref = read_of(mem, state, x, q)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        low = mem.read(state, x, q.bfloat16())
+        low = read_of(mem, state, x, q.bfloat16())
     assert low.info["mu"].dtype == torch.float32 and low.info["sigma2"].dtype == torch.float32
     assert torch.allclose(low.info["mu"], ref.info["mu"], atol=2e-2)
     assert torch.allclose(low.output.float(), ref.output, atol=5e-2 * ref.output.abs().max().item())
@@ -311,17 +320,20 @@ def test_evaluation_under_bf16_autocast_keeps_gaussians_in_float32() -> None:
 def naive_update(mem: ContinuousMemory, state: dict) -> torch.Tensor:
     """Gate, sample, place and refit, sample by sample in float64 (Python loops, SVD ridge)."""
     cfg, m = mem.config, mem.config.num_samples
-    pend = state["pending"].double()  # (b, P, e)
-    b, p, e = pend.shape
     w, bias = mem.gate.weight.double(), mem.gate.bias.double()  # (e, e, 3), (e,)
-    padded = F.pad(pend, (0, 0, 1, 1))  # (b, P + 2, e)
-    conv = sum(padded[:, k : k + p] @ w[:, :, k].T for k in range(3)) + bias  # (b, P, e)
-    gated = torch.sigmoid(conv) * pend  # (b, P, e) Eq. 18
     out = []
-    for i in range(b):
+    for i in range(state["pending"].shape[0]):
+        pend = state["pending"][i][state["pending_valid"][i]].double()  # (P_i, e) this sample's own vectors only
+        p = pend.shape[0]
+        if p == 0:
+            out.append(state["coef"][i].double())
+            continue
+        padded = F.pad(pend, (0, 0, 1, 1))  # (P_i + 2, e)
+        conv = sum(padded[k : k + p] @ w[:, :, k].T for k in range(3)) + bias  # (P_i, e)
+        gated_i = torch.sigmoid(conv) * pend  # (P_i, e) Eq. 18
         if not state["has_ltm"][i]:
             pos = [(j + 0.5) / p for j in range(p)]
-            x = gated[i]
+            x = gated_i
         else:
             if cfg.sticky:
                 hist = state["hist"][i].double().tolist()
@@ -337,20 +349,25 @@ def naive_update(mem: ContinuousMemory, state: dict) -> torch.Tensor:
                 locs = [(k + 0.5) / m for k in range(m)]
             x_past = psi64(torch.tensor(locs), cfg.n_basis, cfg.basis_widths) @ state["coef"][i].double()  # (M, e) Eq. 14
             pos = [cfg.tau * (k + 0.5) / m for k in range(m)] + [cfg.tau + (1 - cfg.tau) * (j + 0.5) / p for j in range(p)]
-            x = torch.cat([x_past, gated[i]])  # (M + P, e) Eq. 15
-        g = ridge_svd(psi64(torch.tensor(pos), cfg.n_basis, cfg.basis_widths).T, cfg.ridge_lambda)  # (L, N)
+            x = torch.cat([x_past, gated_i])  # (M + P, e) Eq. 15
+        g = ridge_fit64(pos, cfg.n_basis, cfg.basis_widths, cfg.ridge_lambda, cfg.pad_fit)  # (L, N)
         out.append(g.T @ x)  # (N, e) Bᵀ = Xᵀ G
     return torch.stack(out)  # (b, N, e)
 
 
+@pytest.mark.parametrize("padded", [False, True])
 @pytest.mark.parametrize("sticky", [False, True])
-def test_update_equals_naive_reference(sticky: bool) -> None:
+def test_update_equals_naive_reference(sticky: bool, padded: bool) -> None:
+    """Every sample is fitted from its own valid vectors alone (padding: each k_i its own layout)."""
     torch.manual_seed(4)
     mem = make(n_basis=16, basis_widths=WIDE, n_samples=12, tau=0.6, sticky=sticky, sticky_bins=10)
     state = mem.init_state(3, DEVICE, torch.float32)
     state["coef"] = torch.randn(3, 16, 8) * torch.tensor([1.0, 0.0, 1.0])[:, None, None]
     state["has_ltm"] = torch.tensor([True, False, True])  # sample 1: first fit after a reset
-    state["pending"], state["pending_valid"] = torch.randn(3, 5, 8), torch.ones(3, 5, dtype=torch.bool)
+    valid = torch.ones(3, 5, dtype=torch.bool)
+    if padded:  # right-aligned, as memories keep them: 3, 5 and 2 valid vectors
+        valid[0, :2], valid[2, :3] = False, False
+    state["pending"], state["pending_valid"] = torch.randn(3, 5, 8) * valid[..., None], valid
     if sticky:
         state["hist"] = torch.rand(3, 10) ** 3
         state["hist"][:, 4] = 0.0  # an empty bin must get no sample
@@ -361,16 +378,11 @@ def test_update_equals_naive_reference(sticky: bool) -> None:
     assert (coef.double() - ref).abs().max() <= 1e-5 * ref.abs().max()
 
 
-def test_partly_or_wholly_empty_pending_sets() -> None:
-    x = torch.arange(8.0).view(1, 4, 2).repeat(2, 1, 1)  # (2, 4, 2) vectors 0..3
-    valid = torch.tensor([[False, False, True, True], [True, True, True, True]])
-    out = stretch_valid(x, valid)
-    assert out[0, :, 0].tolist() == [4.0, 4.0, 6.0, 6.0]  # vectors 2, 3 fill all four slots, in order
-    assert torch.equal(out[1], x[1])  # all valid: identity
+def test_wholly_empty_pending_sets_change_nothing() -> None:
     mem = make(n_basis=8, basis_widths=WIDE)
     state = mem.init_state(2, DEVICE, torch.float32)
     state["coef"], state["has_ltm"] = torch.randn(2, 8, 8), torch.tensor([True, False])
-    state["pending"], state["pending_valid"] = torch.randn(2, 3, 8), torch.zeros(2, 3, dtype=torch.bool)
+    state["pending"], state["pending_valid"] = torch.zeros(2, 3, 8), torch.zeros(2, 3, dtype=torch.bool)
     coef, has = mem.update(state)
     assert torch.equal(coef, state["coef"]) and has.tolist() == [True, False]  # nothing valid: no update
 
@@ -415,9 +427,7 @@ def test_ten_thousand_writes_keep_the_state_size_and_finite() -> None:
     with torch.no_grad():
         for step in range(10_000):
             x = torch.randn(2, 4, 8)
-            # A read every 10th step (it refreshes the sticky histogram); a bare write also updates.
-            read = mem.read(state, x, 3 * torch.randn(2, 2, 4, 4)) if step % 10 == 9 else None
-            state, _ = mem.write(state, x, None, read)
+            _, state = mem.step(state, x, 3 * torch.randn(2, 2, 4, 4), None)
             if step == 0:
                 shapes = {k: v.shape for k, v in state.items()}
             if step % 500 == 0:
@@ -549,8 +559,7 @@ def test_segments_enter_the_ltm_at_the_papers_time_and_exactly_once() -> None:
             for s, x in enumerate(xs):
                 if s >= 2:
                     assert torch.equal(state["pending"], xs[s - 2])  # evicted once, enters the LTM at read s
-                read = mem.read(state, x, qs[s])
-                state, _ = mem.write(state, x, None, read)
+                _, state = mem.step(state, x, qs[s], None)
 
 
 def test_gradients_reach_every_memory_parameter_and_no_past_graph() -> None:

@@ -50,11 +50,11 @@ def test_memory_disabled_is_the_base_model_and_leaves_memory_untouched(name: str
     wrapped = _wrapped(name, base)
     for seg in _segments(2, 3):
         wrapped(seg)
-    before = wrapped.memory_state()
+    before = wrapped.memory_state()["layers"]
     probe = torch.randint(0, 37, (2, SEG))
     with wrapped.memory_disabled():
         assert torch.equal(wrapped(probe), reference(probe))
-    after = wrapped.memory_state()
+    after = wrapped.memory_state()["layers"]
     assert all(torch.equal(before[l][k], after[l][k]) for l in before for k in before[l])
     assert not torch.equal(wrapped(probe), reference(probe))  # the memory is live again
 
@@ -114,16 +114,23 @@ def test_save_and_restore_mid_stream_continues_identically(name: str) -> None:
 
 @pytest.mark.parametrize("name", MEMORIES)
 def test_moving_the_model_takes_the_stream_state_along(name: str) -> None:
-    """``.to(device)`` moves the state with the weights; a dtype cast leaves the state's dtypes alone."""
+    """``.to(device)`` moves the state with the weights; ``.to(dtype)`` converts it to the dtypes a fresh
+    stream of the converted model would have, and the stream goes on (bf16 included)."""
     a = _wrapped(name)
     for seg in _segments(2, 2):
         a(seg)
-    dtypes = {(l, k): v.dtype for l, s in a.memory_state().items() for k, v in s.items()}
-    a.to(torch.float64)
-    assert {(l, k): v.dtype for l, s in a.memory_state().items() for k, v in s.items()} == dtypes
+    keys = {(l, k) for l, s in a.memory_state()["layers"].items() for k in s}
+    for dtype in (torch.float64, torch.bfloat16):
+        twin = _wrapped(name).to(dtype)
+        twin(_segments(2, 1)[0])
+        fresh = {(l, k): v.dtype for l, s in twin.memory_state()["layers"].items() for k, v in s.items()}
+        a.to(dtype)
+        assert {(l, k): v.dtype for l, s in a.memory_state()["layers"].items() for k, v in s.items()} == fresh
+        out = a(_segments(2, 1)[0])  # the stream continues in the new dtype
+        assert out.dtype == dtype and torch.isfinite(out.float()).all()
     a.to("meta")  # a device other than the test's, available on every machine
-    moved = a.memory_state()
-    assert {(l, k) for l, s in moved.items() for k in s} == set(dtypes)
+    moved = a.memory_state()["layers"]
+    assert {(l, k) for l, s in moved.items() for k in s} == keys
     assert all(v.device.type == "meta" for s in moved.values() for v in s.values())
 
 

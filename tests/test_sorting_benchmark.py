@@ -20,7 +20,7 @@ def test_every_memory_holds_two_segments_of_vectors_per_layer(memory: str, lengt
     n = CPU.segment
     model = build(CPU, memory, length)
     run_segments(model, memory, generate(2, length, seed=0).to(DEVICE), n, train=False)
-    state = model.memory_state()
+    state = model.memory_state()["layers"]
     assert len(state) == CPU.depth
     for layer in state.values():
         held = {k: v.shape[1] for k, v in layer.items() if k in ("mem", "cmem", "stm", "coef")}  # slots per sample

@@ -42,7 +42,7 @@ def diagnose(run: Path, n: int) -> dict:
     data = generate(preset.n_test, length, seed=30_000 + length)
     data.tokens, data.counts = data.tokens[:n], data.counts[:n]
     target = data.tokens[:, -NUM_SYMBOLS:]  # (B, S)
-    backends = list(model.memory.layers)
+    backends = list(model.memory.backends)
     tau = backends[0].config.tau
 
     # 1. LTM ablation ---------------------------------------------------------------------------
@@ -60,10 +60,10 @@ def diagnose(run: Path, n: int) -> dict:
     reads: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[] for _ in backends]
     updates: list[list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]] = [[] for _ in backends]
     for i, b in enumerate(backends):
-        def read(state, x, q, _orig=b.read, _i=i):
-            r = _orig(state, x, q)
+        def step(state, x, q, valid, _orig=b.step, _i=i):
+            r, new = _orig(state, x, q, valid)
             reads[_i].append((r.info["mu"], r.info["sigma2"]))  # (B, h, n) each
-            return r
+            return r, new
 
         def update(state, _orig=b.update, _b=b, _i=i):
             coef, has = _orig(state)
@@ -72,7 +72,7 @@ def diagnose(run: Path, n: int) -> dict:
                 updates[_i].append((x, state["pending_valid"], state["has_ltm"], coef))
             return coef, has
 
-        b.read, b.update = read, update  # instance attributes shadow the methods for this run only
+        b.step, b.update = step, update  # instance attributes shadow the methods for this run only
     accuracy()
 
     edges = torch.linspace(0, 1, 11)  # (11,)
@@ -95,7 +95,7 @@ def diagnose(run: Path, n: int) -> dict:
             coef = layer[-1][3]  # (B, N, e) the signal the last read attended to
             for k, (x, valid, has, _) in enumerate(reversed(layer)):  # k = updates since it entered
                 if not bool(valid.all()) or not bool(has.all()):
-                    continue  # partial or first chunks: positions differ (see the backend's stretch_valid)
+                    continue  # partial or first chunks: positions differ (each sample's own layout)
                 p = x.shape[1]
                 t = tau + (1 - tau) * (torch.arange(p, dtype=torch.float64) + 0.5) / p  # (P,)
                 t = t * tau**k  # (P,) contracted once per later update

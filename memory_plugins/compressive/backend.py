@@ -4,33 +4,36 @@ Notation: b batch, n segment length, m memory length (≤ mem_len), c compressio
 g groups of c vectors compressed in one write, p pending vectors (< c), k compressed-memory length
 (≤ cmem_len), h heads, d head dim, e model dim.
 
-State (all batch-first, oldest first along dim 1):
+State (all batch-first, oldest first along dim 1; each sample's valid vectors right-aligned, see
+:mod:`memory_plugins.fifo`, so padding never enters and a reset only marks slots invalid):
 
 * ``mem`` (b, m, e), ``valid`` (b, m): the uncompressed memory, exactly as the XL backend keeps it;
 * ``cmem`` (b, k, e), ``cmem_valid`` (b, k): the compressed memory; what falls out of it is dropped;
-* ``pending`` (b, p, e), ``pending_valid`` (b, p): vectors already evicted from ``mem`` that do not yet
-  fill a whole group of c. They wait for the next write (never padded, never lost) and are not read.
+* ``pending`` (b, p, e), ``pending_valid`` (b, p), p ≤ c − 1: each sample's valid vectors already
+  evicted from ``mem`` that do not yet fill a whole group of c. They wait for the next step (never
+  padded, never lost) and are not read.
 
-Every write moves the same number of vectors for every sample, so the lengths m, p, k are shared by the
-batch; a per-sample reset only zeroes a sample's vectors and marks its slots invalid. A group of c that
-mixes invalid slots (from before a reset) with valid ones is compressed from its valid vectors only
-(mean / max over them; the convolution sees zeros in the invalid slots, as at a zero-padded border) and
-is valid if any of its vectors is; a group with no valid vector is a zero, invalid slot.
+Groups are formed per sample from its own valid vectors only, so a sample whose segments are padded
+compresses exactly the groups an unpadded stream of it would: sample i compresses ⌊count_i / c⌋
+whole groups in a step, and the batch computes the static maximum (n + c − 1)/c of them with the
+others masked.
 
-Data flow per segment: ``read`` hands the host [cmem ; mem] with its mask; ``write`` pushes the segment
-into ``mem``, appends what fell out to ``pending``, compresses every whole group of c, pushes the result
-into ``cmem`` and returns the attention-reconstruction loss of the groups it just compressed.
+Data flow per segment (``step``): the read hands the host [cmem ; mem] with its mask; the segment's
+valid vectors are pushed into ``mem``, what fell out joins ``pending``, every whole group of c is
+compressed and pushed into ``cmem``, and the attention-reconstruction loss of the groups just
+compressed is the read's aux loss (training mode).
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, ClassVar
 
 import torch
 from torch import Tensor, nn
 
-from ..interface import AttentionDims, HostAttention, MemoryRead, MemoryState
-from ..xl.backend import fifo_push, fifo_reset
+from .. import fifo
+from ..interface import HostAttention, MemoryRead, MemoryState
+from ..registry import register_memory
 from .config import CompressiveConfig
 
 
@@ -69,14 +72,18 @@ def _attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
     return scores.softmax(dim=-1) @ v  # (b, h, n, d)
 
 
+@register_memory("compressive", CompressiveConfig)
 class CompressiveMemory(nn.Module):
     """Compressive memory backend; its only parameters are those of the ``"conv"`` compressor."""
 
-    def __init__(self, config: CompressiveConfig, dims: AttentionDims, shared: nn.ModuleDict) -> None:
+    uses_queries: ClassVar[bool] = False
+
+    def __init__(self, config: CompressiveConfig, host: HostAttention, shared: nn.ModuleDict) -> None:
         super().__init__()
         self.config = config
-        self.dims = dims
-        c, e = config.compression_rate, dims.embed_dim
+        self.dims = host.dims if isinstance(host, HostAttention) else host
+        object.__setattr__(self, "host", host)  # not a submodule: the host layer belongs to the model
+        c, e = config.compression_rate, self.dims.embed_dim
         # Conv1d over time: group j of c vectors (oldest first) → one vector; tap i weighs its i-th oldest.
         self.conv = nn.Conv1d(e, e, kernel_size=c, stride=c) if config.compression == "conv" else None
 
@@ -118,7 +125,8 @@ class CompressiveMemory(nn.Module):
         return out, out_valid  # (b, g, e), (b, g)
 
     def reconstruction_loss(
-        self, x: Tensor, old: Tensor, old_valid: Tensor, comp: Tensor, comp_valid: Tensor, host: HostAttention
+        self, x: Tensor, old: Tensor, old_valid: Tensor, comp: Tensor, comp_valid: Tensor, host: HostAttention,
+        x_valid: Tensor | None = None,
     ) -> Tensor:
         """Attention-reconstruction loss (Rae et al. §3.2), unweighted.
 
@@ -141,7 +149,12 @@ class CompressiveMemory(nn.Module):
                 kc, vc = host.project_kv(comp)  # (b, h, g, d) each
         pred = _attend(q, kc, vc, comp_valid)  # (b, h, n, d)
         acc = torch.promote_types(pred.dtype, torch.float32)  # at least float32 for the loss
-        per_sample = (pred.to(acc) - target.to(acc)).pow(2).flatten(1).mean(dim=1)  # (b,)
+        err = (pred.to(acc) - target.to(acc)).pow(2).mean(dim=(1, 3))  # (b, n)
+        if x_valid is None:
+            per_sample = err.mean(dim=1)  # (b,)
+        else:  # padded queries are not part of the stream: they take no part in the loss
+            w = x_valid.to(acc)  # (b, n)
+            per_sample = (err * w).sum(dim=1) / w.sum(dim=1).clamp(min=1)  # (b,)
         counts = old_valid.any(dim=1).to(per_sample.dtype)  # (b,) samples with something compressed
         return (per_sample * counts).sum() / counts.sum().clamp(min=1)
 
@@ -162,47 +175,65 @@ class CompressiveMemory(nn.Module):
             "pending": pending, "pending_valid": pvalid,
         }  # fmt: skip
 
-    def read(self, state: MemoryState, x: Tensor, q: Tensor | None) -> MemoryRead:
-        if state["mem"].shape[1] + state["cmem"].shape[1] == 0:
-            return MemoryRead()
-        source = torch.cat([state["cmem"], state["mem"]], dim=1)  # (b, k + m, e), oldest first
-        mask = torch.cat([state["cmem_valid"], state["valid"]], dim=1)  # (b, k + m)
-        return MemoryRead(kv_source=source, kv_mask=mask)
-
-    def write(
-        self, state: MemoryState, x: Tensor, host: HostAttention | None, read: MemoryRead | None
-    ) -> tuple[MemoryState, Tensor | None]:
+    def step(self, state: MemoryState, x: Tensor, q: Tensor | None,
+             valid: Tensor | None) -> tuple[MemoryRead, MemoryState]:
         cfg, c = self.config, self.config.compression_rate
+        read = MemoryRead()
+        if state["mem"].shape[1] + state["cmem"].shape[1]:
+            read.kv_source = torch.cat([state["cmem"], state["mem"]], dim=1)  # (b, k + m, e), oldest first
+            read.kv_mask = torch.cat([state["cmem_valid"], state["valid"]], dim=1)  # (b, k + m)
         dtype = state["mem"].dtype
         x_in = x.detach() if cfg.detach else x
-        mem, valid, evicted, evicted_valid = fifo_push(state["mem"], state["valid"], x_in.to(dtype), cfg.mem_len)
-        # Evicted vectors join those still waiting; only whole groups of c are compressed now.
-        queue = torch.cat([state["pending"], evicted.detach()], dim=1)  # (b, p + evicted, e)
-        queue_valid = torch.cat([state["pending_valid"], evicted_valid], dim=1)  # (b, p + evicted)
-        g = queue.shape[1] // c
-        old, old_valid = queue[:, : g * c], queue_valid[:, : g * c]  # (b, g·c, e), (b, g·c)
+        mem, mem_valid, evicted, evicted_valid = fifo.push(state["mem"], state["valid"], x_in.to(dtype), cfg.mem_len, valid)
+        # Evicted vectors join those still waiting, each sample's valid ones first and in order.
+        queue, queue_valid = fifo.compact(
+            torch.cat([state["pending"], evicted.detach()], dim=1),  # (b, L, e)
+            torch.cat([state["pending_valid"], evicted_valid], dim=1),  # (b, L)
+            valid_first=True,
+        )
+        length = queue.shape[1]
+        g = length // c  # most groups any sample can complete now (static)
+        count = queue_valid.sum(dim=1)  # (b,)
+        whole = (count // c) * c  # (b,) vectors each sample compresses now
+        slot = torch.arange(length, device=queue.device)  # (L,)
+        # What stays pending: each sample's count - whole < c leftovers, moved to the front, right-aligned.
+        keep = min(c - 1, length)
+        src = (whole[:, None] + torch.arange(keep, device=queue.device)).clamp(max=max(length - 1, 0))  # (b, keep)
+        rest = queue.gather(1, src[..., None].expand(-1, -1, queue.shape[2])) if keep else queue[:, :0]  # (b, keep, e)
+        rest_valid = (whole[:, None] + torch.arange(keep, device=queue.device)) < count[:, None]  # (b, keep)
+        rest, rest_valid = fifo.compact(rest, rest_valid)  # (b, keep, e), (b, keep)
         new_state: MemoryState = {
-            "mem": mem, "valid": valid,
+            "mem": mem, "valid": mem_valid,
             "cmem": state["cmem"], "cmem_valid": state["cmem_valid"],
-            "pending": queue[:, g * c :], "pending_valid": queue_valid[:, g * c :],  # (b, p', e), p' < c
+            "pending": rest, "pending_valid": rest_valid,
         }  # fmt: skip
         if g == 0:
-            return new_state, None
+            return read, new_state
+        old = queue[:, : g * c]  # (b, g·c, e)
+        old_valid = slot[None, : g * c] < whole[:, None]  # (b, g·c) whole groups only
         comp, comp_valid = self.compress(old, old_valid)  # (b, g, e), (b, g)
-        aux = None  # a training signal only (as the other memories' aux losses): skipped in eval()
-        if self.conv is not None and cfg.recon_weight > 0 and host is not None and self.training:
-            aux = cfg.recon_weight * self.reconstruction_loss(x, old, old_valid, comp, comp_valid, host)
+        if self.conv is not None and cfg.recon_weight > 0 and self.training and isinstance(self.host, HostAttention):
+            read.aux_loss = cfg.recon_weight * self.reconstruction_loss(x, old, old_valid, comp, comp_valid, self.host, valid)
         # The task loss must not train the compressor through the memory: store the compression detached.
-        new_state["cmem"], new_state["cmem_valid"], _, _ = fifo_push(
+        new_state["cmem"], new_state["cmem_valid"], _, _ = fifo.push(
             state["cmem"], state["cmem_valid"], comp.detach().to(dtype), cfg.cmem_len, comp_valid
         )  # (b, k', e), (b, k'); what falls out of the compressed memory is dropped
-        return new_state, aux
+        return read, new_state
 
     def reset(self, state: MemoryState, mask: Tensor) -> MemoryState:
         new: MemoryState = {}
         for vec, val in (("mem", "valid"), ("cmem", "cmem_valid"), ("pending", "pending_valid")):
-            new[vec], new[val] = fifo_reset(state[vec], state[val], mask)
+            new[vec], new[val] = fifo.reset(state[vec], state[val], mask)
         return new
+
+    def check_state(self, state: MemoryState) -> str | None:
+        """Why a restored state cannot be this memory's (None if it can)."""
+        cfg = self.config
+        for vec, val, cap in (("mem", "valid", cfg.mem_len), ("cmem", "cmem_valid", cfg.cmem_len),
+                              ("pending", "pending_valid", cfg.compression_rate - 1)):
+            if state[vec].shape[1] != state[val].shape[1] or state[vec].shape[1] > cap:
+                return f"{vec} holds {state[vec].shape[1]} slots and {val} {state[val].shape[1]}; both must be ≤ {cap}"
+        return None
 
     def extra_repr(self) -> str:
         cfg = self.config

@@ -18,17 +18,20 @@ from torch import Tensor
 from .basis import cell_centres
 
 
-def attention_histogram(mu: Tensor, sigma2: Tensor, num_bins: int) -> Tensor:
+def attention_histogram(mu: Tensor, sigma2: Tensor, num_bins: int, valid: Tensor | None = None) -> Tensor:
     """p(d_j) ∝ Σ_h Σ_i ∫_{d_j} 𝒩(t; μ_{h,i}, σ²_{h,i}) dt (Eqs. 16–17), normalised to sum 1.
 
-    ``mu``, ``sigma2`` (b, h, n) → (b, D) float32. The bin integrals are differences of the normal
-    CDF Φ((edge − μ)/σ) = ½(1 + erf((edge − μ)/(σ√2))). A sample whose attention misses [0, 1]
-    entirely gets the uniform histogram.
+    ``mu``, ``sigma2`` (b, h, n) → (b, D) float32; ``valid`` (b, n) leaves padded queries out. The bin
+    integrals are differences of the normal CDF Φ((edge − μ)/σ) = ½(1 + erf((edge − μ)/(σ√2))). A
+    sample whose attention misses [0, 1] entirely gets the uniform histogram.
     """
     mu32, sd = mu.detach().float(), sigma2.detach().float().sqrt()  # (b, h, n), (b, h, n)
     edges = torch.linspace(0.0, 1.0, num_bins + 1, device=mu.device, dtype=torch.float32)  # (D + 1,)
     cdf = torch.special.ndtr((edges - mu32[..., None]) / sd[..., None])  # (b, h, n, D + 1)
-    mass = (cdf[..., 1:] - cdf[..., :-1]).sum(dim=(1, 2))  # (b, D)
+    bins = cdf[..., 1:] - cdf[..., :-1]  # (b, h, n, D)
+    if valid is not None:
+        bins = bins * valid[:, None, :, None].to(bins.dtype)  # (b, h, n, D)
+    mass = bins.sum(dim=(1, 2))  # (b, D)
     total = mass.sum(dim=-1, keepdim=True)  # (b, 1)
     uniform = torch.full_like(mass, 1.0 / num_bins)  # (b, D)
     return torch.where(total > 0, mass / total.clamp_min(torch.finfo(mass.dtype).tiny), uniform)  # (b, D)

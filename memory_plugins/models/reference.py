@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from ..config import check_float, check_int
 from ..interface import MemoryRead
+from ..splice import add_output
 
 
 @dataclass
@@ -37,11 +38,13 @@ class DecoderConfig:
 
 
 def rotate(x: Tensor, pos: Tensor, base: float) -> Tensor:
-    """Rotary embedding of ``x`` (b, h, n, d) at integer positions ``pos`` (n,)."""
+    """Rotary embedding of ``x`` (b, h, n, d) at integer positions ``pos`` (n,) or per sample (b, n)."""
     d = x.shape[-1]
     inv_freq = base ** (-torch.arange(0, d, 2, device=x.device, dtype=torch.float32) / d)  # (d/2,)
-    ang = pos.to(torch.float32)[:, None] * inv_freq[None, :]  # (n, d/2)
-    cos, sin = ang.cos().to(x.dtype), ang.sin().to(x.dtype)  # (n, d/2)
+    ang = pos.to(torch.float32)[..., None] * inv_freq  # (n, d/2) or (b, n, d/2)
+    if ang.dim() == 3:
+        ang = ang[:, None]  # (b, 1, n, d/2) shared by the heads
+    cos, sin = ang.cos().to(x.dtype), ang.sin().to(x.dtype)  # (…, n, d/2)
     x1, x2 = x[..., 0::2], x[..., 1::2]  # (b, h, n, d/2)
     out = torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)  # (b, h, n, d/2, 2)
     return out.flatten(-2)  # (b, h, n, d)
@@ -66,33 +69,46 @@ class Attention(nn.Module):
         k, v = rearrange(self.to_kv(x), "b n (two h d) -> two b h n d", two=2, h=self.num_heads)
         return k, v  # (b, h, m, d) each
 
-    def forward(self, x: Tensor, attn_mask: Tensor | None = None) -> Tensor:
-        """``x`` (b, n, e); ``attn_mask`` (n, n) bool, True = may attend (default: causal)."""
+    def forward(self, x: Tensor, attn_mask: Tensor | None = None, mask: Tensor | None = None) -> Tensor:
+        """``x`` (b, n, e); ``attn_mask`` (n, n) bool, True = may attend (default: causal); ``mask`` (b, n)
+        bool, True = real token (padding is neither attended to nor written to memory). With a
+        ``mask``, rotary positions count real tokens only, so left padding shifts nothing."""
         b, n, _ = x.shape
         q = self.project_q(x)  # (b, h, n, d)
         k, v = self.project_kv(x)  # (b, h, n, d)
-        read: MemoryRead | None = self.memory_hook(x, q) if self.memory_hook is not None else None
+        read: MemoryRead | None = self.memory_hook(x, q, mask) if self.memory_hook is not None else None
         m = 0
         if read is not None and read.kv_source is not None:
-            km, vm = self.project_kv(read.kv_source)  # (b, h, m, d)
+            km, vm = self.project_kv(read.kv_source.to(x.dtype))  # (b, h, m, d)
             m = km.shape[2]
             k, v = torch.cat([km, k], dim=2), torch.cat([vm, v], dim=2)  # (b, h, m + n, d)
-        pos = torch.arange(m + n, device=x.device)  # memory at 0..m-1, segment at m..m+n-1
-        q, k = rotate(q, pos[m:], self.rotary_base), rotate(k, pos, self.rotary_base)
-        if m == 0 and attn_mask is None:
+        if mask is None:
+            pos = torch.arange(-m, n, device=x.device)  # (m + n,) memory at -m … -1, segment at 0 … n-1
+            q, k = rotate(q, pos[m:], self.rotary_base), rotate(k, pos, self.rotary_base)
+        else:  # real tokens at 0, 1, … whatever padding precedes them; memory just before
+            seg = mask.long().cumsum(dim=1) - 1  # (b, n)
+            pos = torch.cat([torch.arange(-m, 0, device=x.device).expand(b, m), seg], dim=1)  # (b, m + n)
+            q, k = rotate(q, pos[:, m:], self.rotary_base), rotate(k, pos, self.rotary_base)
+        if m == 0 and attn_mask is None and mask is None:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (b, h, n, d)
         else:
             allowed = torch.ones(n, m + n, dtype=torch.bool, device=x.device).tril(m)  # (n, m + n) causal
             if attn_mask is not None:
                 allowed[:, m:] &= attn_mask
             allowed = allowed.expand(b, n, m + n)  # (b, n, m + n)
+            keys = torch.ones(b, m + n, dtype=torch.bool, device=x.device)  # (b, m + n)
             if m:
-                allowed = allowed & torch.cat([read.kv_mask, allowed.new_ones(b, n)], 1)[:, None, :]
+                keys[:, :m] = read.kv_mask
+            if mask is not None:
+                keys[:, m:] = mask
+            allowed = allowed & keys[:, None, :]  # (b, n, m + n)
+            if mask is not None:  # a padded query keeps its own key, so that no row is empty (no NaN)
+                own = torch.zeros(n, m + n, dtype=torch.bool, device=x.device)  # (n, m + n)
+                own[:, m:] = torch.eye(n, dtype=torch.bool, device=x.device)
+                allowed = allowed | own
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed[:, None])  # (b, h, n, d)
         out = self.to_out(rearrange(out, "b h n d -> b n (h d)"))  # (b, n, e)
-        if read is not None and read.output is not None:
-            out = out + read.output.to(out.dtype)  # Eq. 12: Z = Z_T + Z_LTM
-        return out
+        return add_output(out, read)  # Eq. 12: Z = Z_T + Z_LTM
 
 
 class Block(nn.Module):
@@ -102,13 +118,14 @@ class Block(nn.Module):
         self.attn = Attention(cfg.dim, cfg.heads, cfg.rotary_base)
         self.ff = nn.Sequential(nn.Linear(cfg.dim, cfg.ff_mult * cfg.dim), nn.GELU(), nn.Linear(cfg.ff_mult * cfg.dim, cfg.dim))
 
-    def forward(self, x: Tensor, attn_mask: Tensor | None = None) -> Tensor:
-        x = x + self.attn(self.norm1(x), attn_mask)  # (b, n, e)
+    def forward(self, x: Tensor, attn_mask: Tensor | None = None, mask: Tensor | None = None) -> Tensor:
+        x = x + self.attn(self.norm1(x), attn_mask, mask)  # (b, n, e)
         return x + self.ff(self.norm2(x))  # (b, n, e)
 
 
 class ReferenceDecoder(nn.Module):
-    """Token ids (b, n) → logits (b, n, V). ``attn_mask`` (n, n) bool overrides the causal mask."""
+    """Token ids (b, n) → logits (b, n, V). ``attn_mask`` (n, n) bool overrides the causal mask;
+    ``mask`` (b, n) bool marks real tokens (False: padding, left or right)."""
 
     def __init__(self, cfg: DecoderConfig | None = None, **kwargs: object) -> None:
         super().__init__()
@@ -119,8 +136,11 @@ class ReferenceDecoder(nn.Module):
         self.norm = nn.LayerNorm(cfg.dim)
         self.head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
 
-    def forward(self, tokens: Tensor, attn_mask: Tensor | None = None) -> Tensor:
+    def forward(self, tokens: Tensor, attn_mask: Tensor | None = None, mask: Tensor | None = None) -> Tensor:
+        if mask is not None and (mask.shape != tokens.shape or mask.dtype != torch.bool):
+            raise ValueError(f"ReferenceDecoder: mask must be a bool tensor shaped like tokens {tuple(tokens.shape)}, "
+                             f"got {mask.dtype} {tuple(mask.shape)}")
         x = self.embed(tokens)  # (b, n, e)
         for block in self.blocks:
-            x = block(x, attn_mask)
+            x = block(x, attn_mask, mask)
         return self.head(self.norm(x))  # (b, n, V)

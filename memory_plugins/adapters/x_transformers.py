@@ -35,18 +35,17 @@ position embeddings (the memory keeps the positions of its own segment: not Tran
 from __future__ import annotations
 
 import warnings
-from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
-from einops import repeat
 from torch import Tensor, nn
 
 import x_transformers.x_transformers as xt
-from memory_plugins.interface import AttentionDims, HostAttention, MemoryRead
-from memory_plugins.layer import LayerMemory
+from memory_plugins.controller import MemoryHook
+from memory_plugins.interface import AttentionDims, HostAttention
+from memory_plugins.splice import Handles, add_output, first_valid, memory_key_mask, memory_positions, repeat_kv
 
 from . import Target
 from .protocol import select
@@ -67,8 +66,7 @@ class _Layer:
     stack: nn.Module  # the AttentionLayers holding the block (rotary embedding lives there)
     wrapper: nn.Module | None  # the TransformerWrapper around the stack, if any (absolute positions)
     calls: "_StackCall"
-    hook: LayerMemory | None = None
-    reads: list[MemoryRead | None] = field(default_factory=list)  # pre-hook → post-hook, per call
+    hook: MemoryHook | None = None
 
 
 @dataclass
@@ -76,6 +74,7 @@ class _StackCall:
     """What the stack's own forward was called with (set by a pre-hook on the AttentionLayers)."""
 
     user_pos: bool = False  # the caller passed pos=...: the stack's positions are not ours to rebuild
+    seq_start: bool = False  # the caller passed seq_start_pos=...: real tokens already start at position 0
     warned: bool = False  # the absolute-positions warning was given for this stack
 
 
@@ -87,6 +86,7 @@ class _StackPreHook:
 
     def __call__(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
         self.calls.user_pos = kwargs.get("pos") is not None
+        self.calls.seq_start = kwargs.get("seq_start_pos") is not None
 
 
 # -- finding the blocks ----------------------------------------------------------------------------------
@@ -172,10 +172,8 @@ class _Projector:
             k = xt.l2norm(k, groups=attn.qk_norm_groups) * attn.qk_norm_k_scale
         k = attn.k_rmsnorm(k) if attn.k_rmsnorm is not None else k
         v = attn.value_rmsnorm(v) if attn.value_rmsnorm is not None else v
-        r = attn.heads // k.shape[1]
-        if r > 1:  # grouped kv heads: x-transformers' Attend repeats them as (r k)
-            k, v = (repeat(t, "b k m d -> b (r k) m d", r=r) for t in (k, v))  # (b, h, m, d)
-        return k, v
+        # grouped kv heads: x-transformers' Attend repeats them as (r k)
+        return repeat_kv(k, attn.heads, "tile"), repeat_kv(v, attn.heads, "tile")  # (b, h, m, d)
 
 
 # -- the hooks ---------------------------------------------------------------------------------------------
@@ -218,45 +216,43 @@ def _refuse_kv(layer: _Layer, kwargs: dict[str, Any]) -> None:
 
 
 class _PreHook:
-    """Forward pre-hook of a block: read the memory, hand its K/V sources to the block's ``mem`` argument."""
+    """Forward pre-hook of a block: one memory step, its K/V sources handed to the block's ``mem`` argument."""
 
     def __init__(self, layer: _Layer) -> None:
         self.layer = layer
 
     def __call__(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict] | None:
         layer = self.layer
-        host = layer.target.host
         memory = layer.hook
-        if memory is None or not memory.controller.enabled or kwargs.get("context") is not None:
-            layer.reads.append(None)
+        if memory is None or not memory.enabled or kwargs.get("context") is not None:
             return None
         x = args[0] if args else kwargs["x"]  # (b, n, e) attention input (after pre-norm / token shift)
+        b, n, _ = x.shape
         cache = kwargs.get("cache")
+        c = cache.cached_kv[0].shape[-2] if cache is not None else 0
+        pad = kwargs.get("mask")  # (b, n) or (b, c + n) padding mask of the tokens, or None
+        valid = pad[:, -n:].to(torch.bool) if pad is not None else None  # (b, n)
         # Incremental decoding: the cache holds the current segment, so the memory is only read.
-        with memory.controller.frozen() if cache is not None else nullcontext():
-            read = memory(x, host.project_q(x))  # q: (b, h, n, d)
-        layer.reads.append(read)
+        read = memory(x, None, valid, write=cache is None)
         if read is None or read.kv_source is None:
             return None
         _refuse_kv(layer, kwargs)
-        b, n, _ = x.shape
         source = read.kv_source.to(x.dtype)  # (b, m, e)
         m = source.shape[1]
-        keep = read.kv_mask if read.kv_mask is not None else x.new_ones(b, m, dtype=torch.bool)  # (b, m)
-        c = cache.cached_kv[0].shape[-2] if cache is not None else 0
         # The key mask over [memory ; cache ; segment] goes in as the block's self-attention kv mask
         # (its mem_mask would be padded to m + n only, missing the cached keys).
         own = kwargs.get("context_mask")  # (b, c + n) from seq_start_pos, or None
-        pad = kwargs.get("mask")  # (b, n) padding mask of the segment, or None
         if own is None and pad is not None and pad.shape[-1] == c + n:
             own = pad
-        own = own if own is not None else x.new_ones(b, c + n, dtype=torch.bool)
         kwargs["mem"], kwargs["mem_mask"] = source, None
-        kwargs["context_mask"] = torch.cat([keep, own.to(torch.bool)], dim=-1)  # (b, m + c + n)
+        kwargs["context_mask"] = memory_key_mask(read.kv_mask, own, b, m, c + n, x.device)  # (b, m + c + n)
         rotary = layer.stack.rotary_pos_emb
         if rotary is not None and kwargs.get("rotary_pos_emb") is not None:
-            pos = torch.arange(-m, c + n, device=x.device)  # (m + c + n,) memory at -m … -1
-            kwargs["rotary_pos_emb"] = rotary(pos)
+            # memory just before the first real token (left padding keeps its own positions here)
+            start = first_valid(own, b, x.device) if own is not None and not layer.calls.seq_start else \
+                torch.zeros(b, dtype=torch.long, device=x.device)  # (b,)
+            own_pos = torch.arange(c + n, device=x.device).expand(b, c + n)  # (b, c + n)
+            kwargs["rotary_pos_emb"] = rotary(torch.cat([memory_positions(m, start), own_pos], dim=1))  # (b, m + c + n)
         return args, kwargs
 
 
@@ -267,16 +263,14 @@ class _PostHook:
         self.layer = layer
 
     def __call__(self, module: nn.Module, args: tuple, kwargs: dict[str, Any], output: Any) -> Any:
-        layer = self.layer
-        read = layer.reads.pop() if layer.reads else None
+        memory = self.layer.hook
+        read = memory.take_read() if memory is not None else None
         if read is None or read.output is None:
             return None
         out = output[0] if isinstance(output, tuple) else output  # (b, n, e)
-        extra = read.output.to(out.dtype)  # (b, n, e)
         mask = kwargs.get("mask")
-        if mask is not None and kwargs.get("cache") is None:  # the block zeroes padded positions; so do we
-            extra = extra * mask[..., None].to(out.dtype)
-        out = out + extra
+        valid = mask[:, -out.shape[1]:] if mask is not None and kwargs.get("cache") is None else None
+        out = add_output(out, read, valid)  # the block zeroes padded positions; so do we
         return (out, *output[1:]) if isinstance(output, tuple) else out
 
 
@@ -287,19 +281,15 @@ def _is_hooked(module: nn.Module) -> bool:
     return any(isinstance(h, _PreHook) for h in module._forward_pre_hooks.values())
 
 
-class _Detach:
-    """Removes everything :meth:`XTransformersAdapter.attach` installed (an object, so that a deep copy of a
-    wrapped model removes its own hooks, not the original's)."""
+class _Unhook:
+    """Forgets the layers' hooks (a cleanup of :class:`Handles`; an object so that deep copies work)."""
 
-    def __init__(self, handles: list, layers: list[_Layer]) -> None:
-        self.handles, self.layers = handles, layers
+    def __init__(self, layers: list[_Layer]) -> None:
+        self.layers = layers
 
     def __call__(self) -> None:
-        for h in self.handles:
-            h.remove()
         for layer in self.layers:
             layer.hook = None
-            layer.reads.clear()
 
 
 class XTransformersAdapter:
@@ -332,7 +322,7 @@ class XTransformersAdapter:
         self._layers = {n: found[n] for n in chosen}
         return [self._layers[n].target for n in chosen]
 
-    def attach(self, model: nn.Module, targets: list[Target], hooks: list[LayerMemory]) -> Callable[[], None]:
+    def attach(self, model: nn.Module, targets: list[Target], hooks: list[MemoryHook]) -> Callable[[], None]:
         layers = [self._layers[t.name] for t in targets]
         used = {id(layer.calls) for layer in layers}
         handles = [
@@ -345,7 +335,7 @@ class XTransformersAdapter:
             module = layer.target.module
             handles.append(module.register_forward_pre_hook(_PreHook(layer), with_kwargs=True))
             handles.append(module.register_forward_hook(_PostHook(layer), with_kwargs=True, always_call=True))
-        return _Detach(handles, layers)
+        return Handles(handles, [_Unhook(layers)])
 
 
 # -- generation ----------------------------------------------------------------------------------------------

@@ -41,11 +41,9 @@ sliding windows do not apply to the memory's keys (they are always visible).
 from __future__ import annotations
 
 import fnmatch
-import json
 import sys
 import warnings
-from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -55,17 +53,16 @@ from transformers import AttentionInterface
 from transformers.cache_utils import Cache
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from memory_plugins.interface import AttentionDims, HostAttention, MemoryRead
-from memory_plugins.layer import LayerMemory
+from memory_plugins.controller import MemoryHook
+from memory_plugins.interface import AttentionDims, HostAttention
+from memory_plugins.model import MEMORY_CONFIG, MEMORY_STATE, MEMORY_WEIGHTS, MemoryModel  # noqa: F401
+from memory_plugins.splice import Handles, add_output, first_valid, memory_positions, repeat_kv
 
 from . import Target
 from .protocol import select
 
 IMPLEMENTATION = "memory_plugins"  # our name in transformers' attention-function registry
 BASE_IMPLEMENTATIONS = ("sdpa", "eager")
-MEMORY_WEIGHTS = "memory.safetensors"
-MEMORY_CONFIG = "memory_config.json"
-MEMORY_STATE = "memory_state.safetensors"
 
 
 # -- per-architecture table --------------------------------------------------------------------------------
@@ -124,10 +121,7 @@ class _Projections:
     def kv(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Keys and values per *query* head, two (b, h, m, d) (kv head i serves query heads i·r … i·r+r-1)."""
         k, v = self.kv_heads(x)  # (b, k, m, d)
-        r = self.dims.num_heads // k.shape[1]
-        if r > 1:
-            k, v = k.repeat_interleave(r, dim=1), v.repeat_interleave(r, dim=1)  # (b, h, m, d)
-        return k, v
+        return repeat_kv(k, self.dims.num_heads), repeat_kv(v, self.dims.num_heads)  # (b, h, m, d)
 
 
 def _rotate_half(t: Tensor) -> Tensor:
@@ -146,6 +140,7 @@ class _ModelBinding:
     spec: ArchSpec
     rotary: nn.Module | None  # the model's rotary embedding (rotary architectures)
     incremental: bool = False  # the current forward was called with a kv cache: read only
+    attention_mask: Tensor | None = None  # the current forward's 2-D padding mask (b, L), if any
     aux_in_loss: bool = False  # add the memory aux loss to output.loss (include_memory_aux_loss)
     aux_this_call: bool = False  # memory_aux_loss=True in the current call
     warned: bool = False
@@ -159,9 +154,8 @@ class _LayerBinding:
     module: nn.Module
     model: _ModelBinding
     proj: _Projections
-    hook: LayerMemory | None = None
+    hook: MemoryHook | None = None
     x: Tensor | None = None  # (b, n, e) input of the current call
-    reads: list[MemoryRead | None] = field(default_factory=list)
 
     # -- the attention function ------------------------------------------------------------------
     def base_function(self, module: nn.Module) -> Callable[..., tuple[Tensor, Any]]:
@@ -180,24 +174,24 @@ class _LayerBinding:
         """``query`` (b, h, n, d), ``key`` / ``value`` (b, k, L, d): the module's states after rotary and cache."""
         base = self.base_function(module)
         memory, x = self.hook, self.x
-        if memory is None or x is None or not memory.controller.enabled:
-            self.reads.append(None)
+        if memory is None or x is None or not memory.enabled:
             return base(module, query, key, value, mask, **kwargs)
         rotary = self.model.spec.positions == "rotary"
-        q = self.proj.q(x) if rotary else query  # content queries (b, h, n, d)
-        with memory.controller.frozen() if self.model.incremental else nullcontext():
-            read = memory(x, q)
-        self.reads.append(read)
+        b, _, n, _ = query.shape
+        length = key.shape[2]  # L
+        padding = self.model.attention_mask  # (b, L) or None
+        valid = padding[:, -n:].to(torch.bool) if padding is not None and padding.shape[-1] >= n else None  # (b, n)
+        # content queries: the module's own (absolute positions), else projected if the memory needs them
+        read = memory(x, None if rotary else query, valid, write=not self.model.incremental)
         if read is None or read.kv_source is None:
             return base(module, query, key, value, mask, **kwargs)
         self._warn_absolute()
-        b, _, n, _ = query.shape
-        length = key.shape[2]  # L
         source = read.kv_source.to(key.dtype)  # (b, m, e)
         m = source.shape[1]
         km, vm = self.proj.kv_heads(source)  # (b, k, m, d)
         if rotary:
-            km = self._rotate_memory(km, kwargs.get("position_ids"), n, length)
+            own = padding[:, -length:].to(torch.bool) if padding is not None and padding.shape[-1] >= length else None
+            km = self._rotate_memory(km, kwargs.get("position_ids"), n, length, own)
         key = torch.cat([km.to(key.dtype), key], dim=2)  # (b, k, m + L, d)
         value = torch.cat([vm.to(value.dtype), value], dim=2)  # (b, k, m + L, d)
         keep = read.kv_mask if read.kv_mask is not None else key.new_ones(b, m, dtype=torch.bool)  # (b, m)
@@ -205,15 +199,20 @@ class _LayerBinding:
         mask = _extend_mask(mask, keep, n, length, query.dtype, float_mask=eager)  # (b, 1, n, m + L)
         return base(module, query, key, value, mask, **kwargs)
 
-    def _rotate_memory(self, km: Tensor, position_ids: Tensor | None, n: int, length: int) -> Tensor:
-        """Rotary for memory keys ``km`` (b, k, m, d) at the m positions just before the segment's first key."""
+    def _rotate_memory(self, km: Tensor, position_ids: Tensor | None, n: int, length: int,
+                       own: Tensor | None) -> Tensor:
+        """Rotary for memory keys ``km`` (b, k, m, d) at the m positions just before the segment's first
+        real key (``own`` (b, L): which of the host's L keys are real tokens; left padding shifts it)."""
         b, _, m, _ = km.shape
         c = length - n  # keys already cached before this call
-        if position_ids is None:
-            start = torch.full((b, 1), -c, device=km.device, dtype=torch.long)  # segment starts at 0
+        first = first_valid(own, b, km.device)  # (b,) index of the first real key among the L
+        if position_ids is None:  # positions count from the segment's first key (cached ones included)
+            start = first - c  # (b,)
         else:
-            start = position_ids[:, :1].to(km.device).long() - c  # (b or 1, 1): position of the first key
-        pos = (start + torch.arange(-m, 0, device=km.device)).expand(b, m)  # (b, m)
+            pos_ids = position_ids.to(km.device).long().expand(b, -1)  # (b, n) positions of this call's keys
+            at = (first - c).clamp(0, n - 1)[:, None]  # (b, 1) the first real key among them, if it is one
+            start = torch.where(first >= c, pos_ids.gather(1, at)[:, 0], pos_ids[:, 0] - (c - first))  # (b,)
+        pos = memory_positions(m, start)  # (b, m)
         cos, sin = self.model.rotary(km, pos)  # (b, m, d) each
         cos, sin = cos[:, None].to(km.dtype), sin[:, None].to(km.dtype)  # (b, 1, m, d)
         return km * cos + _rotate_half(km) * sin  # (b, k, m, d)
@@ -320,12 +319,10 @@ class _LayerPostHook:
     def __call__(self, module: nn.Module, args: tuple, output: Any) -> Any:
         binding = self.binding
         binding.x = None
-        read = binding.reads.pop() if binding.reads else None
-        binding.reads.clear()
+        read = binding.hook.take_read() if binding.hook is not None else None
         if read is None or read.output is None:
             return None
-        out = output[0]  # (b, n, e)
-        return (out + read.output.to(out.dtype), *output[1:])
+        return (add_output(output[0], read), *output[1:])
 
 
 def _checkpointing(model: nn.Module) -> bool:
@@ -353,6 +350,8 @@ class _ModelPreHook:
         if cache is None and len(args) > 1 and isinstance(args[1], Cache):
             cache = args[1]
         self.shared.incremental = cache is not None
+        mask = kwargs.get("attention_mask")
+        self.shared.attention_mask = mask if isinstance(mask, Tensor) and mask.dim() == 2 else None
         self.shared.aux_this_call = bool(kwargs.pop("memory_aux_loss", False))
         return args, kwargs
 
@@ -360,13 +359,14 @@ class _ModelPreHook:
 class _ModelPostHook:
     """Adds the memory's aux loss to ``output.loss`` where asked."""
 
-    def __init__(self, shared: _ModelBinding, hooks: list[LayerMemory]) -> None:
+    def __init__(self, shared: _ModelBinding, hooks: list[MemoryHook]) -> None:
         self.shared, self.hooks = shared, hooks
 
     def __call__(self, module: nn.Module, args: tuple, kwargs: dict[str, Any], output: Any) -> Any:
         shared = self.shared
         add = shared.aux_in_loss or shared.aux_this_call
         shared.incremental = shared.aux_this_call = False
+        shared.attention_mask = None
         if not add or not self.hooks or output is None:
             return None
         aux = self.hooks[0].controller.aux_loss()
@@ -379,19 +379,16 @@ class _ModelPostHook:
         return output
 
 
-class _Detach:
-    """Removes everything :meth:`HFAdapter.attach` installed and gives the modules their config back."""
+class _Restore:
+    """Gives the modules their config back and forgets the hooks (a cleanup of :class:`Handles`)."""
 
-    def __init__(self, handles: list, bindings: list[_LayerBinding], configs: list[Any]) -> None:
-        self.handles, self.bindings, self.configs = handles, bindings, configs
+    def __init__(self, bindings: list[_LayerBinding], configs: list[Any]) -> None:
+        self.bindings, self.configs = bindings, configs
 
     def __call__(self) -> None:
-        for h in self.handles:
-            h.remove()
         for binding, config in zip(self.bindings, self.configs):
             binding.module.config = config
             binding.hook, binding.x = None, None
-            binding.reads.clear()
 
 
 # -- the adapter -----------------------------------------------------------------------------------------------
@@ -460,7 +457,7 @@ class HFAdapter:
             found.append(Target(name, module, dims, HostAttention(dims, proj.q, proj.kv)))
         return found
 
-    def attach(self, model: nn.Module, targets: list[Target], hooks: list[LayerMemory]) -> Callable[[], None]:
+    def attach(self, model: nn.Module, targets: list[Target], hooks: list[MemoryHook]) -> Callable[[], None]:
         shared = self._shared
         bindings = [self._bindings[t.name] for t in targets]
         handles = [
@@ -475,7 +472,7 @@ class HFAdapter:
             module.config = _ConfigView(module.config, binding)
             handles.append(module.register_forward_pre_hook(_LayerPreHook(binding), with_kwargs=True))
             handles.append(module.register_forward_hook(_LayerPostHook(binding), always_call=True))
-        return _Detach(handles, bindings, configs)
+        return Handles(handles, [_Restore(bindings, configs)])
 
 
 # -- user helpers ------------------------------------------------------------------------------------------------
@@ -502,75 +499,24 @@ def include_memory_aux_loss(model: nn.Module, enabled: bool = True) -> None:
     raise RuntimeError("include_memory_aux_loss: this model's memory hooks are gone (was it unwrapped?)")
 
 
-@torch.no_grad()
-def generate(model: nn.Module, input_ids: Tensor, *, write_memory: bool = True, **kwargs: Any) -> Any:
-    """``model.generate(input_ids, **kwargs)``, then (``write_memory``) the prompt and the generated tokens
-    are written to the memory as one segment, so that the next call continues the stream.
-
-    During generation the memory is read at every step (prompt and generated tokens see the same
-    memory) and not written: the kv cache holds those tokens.
-    """
-    out = model.generate(input_ids, **kwargs)
-    if write_memory:
-        sequences = out if isinstance(out, Tensor) else out.sequences  # (b, t + T)
-        model(sequences, use_cache=False)
-    return out
+def generate(model: nn.Module, input_ids: Tensor, *, write_memory: bool = False, **kwargs: Any) -> Any:
+    """``model.generate(input_ids, write_memory=..., **kwargs)``: kept for 0.1 code; see
+    :meth:`memory_plugins.MemoryModel.generate`. The memory is read at every step and written only when
+    ``write_memory`` (0.1 wrote by default)."""
+    _base_of(model)
+    return model.generate(input_ids, write_memory=write_memory, **kwargs)
 
 
-def save_pretrained(
-    model: nn.Module, directory: str | Path, *, save_memory_state: bool = False, **kwargs: Any
-) -> None:
-    """Save the base model with its own ``save_pretrained`` (loadable by ``from_pretrained`` as before)
-    and, beside it, the memory's weights (``memory.safetensors``) and config (``memory_config.json``);
-    ``save_memory_state`` also saves the current stream's memory state (``memory_state.safetensors``).
-    """
-    from safetensors.torch import save_file
-
-    base = _base_of(model)
-    directory = Path(directory)
-    base.save_pretrained(directory, **kwargs)
-    weights = {k: v.detach().cpu().contiguous().clone() for k, v in model.memory.state_dict().items()}
-    save_file(weights, str(directory / MEMORY_WEIGHTS))
-    config = model.memory_config
-    meta = {"memory": type(config).name, "options": asdict(config), "targets": list(model.memory.names)}
-    (directory / MEMORY_CONFIG).write_text(json.dumps(meta, indent=2))
-    if save_memory_state:
-        state = {
-            f"{layer}|{key}": t.cpu().contiguous()
-            for layer, s in model.memory_state().items()
-            if s is not None
-            for key, t in s.items()
-        }
-        save_file(state, str(directory / MEMORY_STATE))
+def save_pretrained(model: nn.Module, directory: str | Path, *, save_memory_state: bool = False, **kwargs: Any) -> None:
+    """``model.save_pretrained(directory, ...)``: kept for 0.1 code (the wrapped model saves its memory itself)."""
+    _base_of(model)
+    model.save_pretrained(directory, save_memory_state=save_memory_state, **kwargs)
 
 
 def from_pretrained(model_class: Any, directory: str | Path, **kwargs: Any) -> nn.Module:
-    """Load ``model_class.from_pretrained(directory, **kwargs)`` and wrap it with the saved memory (weights,
-    config and, if saved, state)."""
-    from safetensors.torch import load_file
-
-    from memory_plugins.model import wrap
-    from memory_plugins.registry import get_spec
-
-    directory = Path(directory)
-    meta = json.loads((directory / MEMORY_CONFIG).read_text())
-    base = model_class.from_pretrained(directory, **kwargs)
-    fields = get_spec(meta["memory"]).config_cls.option_names()
-    options = {k: tuple(v) if isinstance(v, list) else v for k, v in meta["options"].items() if k in fields}
-    wrapped = wrap(base, meta["memory"], targets=meta["targets"], **options)
-    device = str(next(base.parameters()).device)  # where from_pretrained put the base model
-    weights = load_file(str(directory / MEMORY_WEIGHTS), device=device)
-    wrapped.memory.load_state_dict(weights, strict=True)
-    state_file = directory / MEMORY_STATE
-    if state_file.exists():
-        flat = load_file(str(state_file), device=device)
-        states: dict[str, dict[str, Tensor] | None] = {name: None for name in wrapped.memory.names}
-        for key, t in flat.items():
-            layer, name = key.rsplit("|", 1)
-            states.setdefault(layer, {})
-            states[layer] = {**(states[layer] or {}), name: t}
-        wrapped.set_memory_state(states)
-    return wrapped
+    """Load ``model_class.from_pretrained(directory, **kwargs)`` and wrap it with the memory saved beside
+    it (config, weights and, if saved, stream state)."""
+    return MemoryModel.from_pretrained(model_class.from_pretrained(directory, **kwargs), directory)
 
 
 __all__ = [
