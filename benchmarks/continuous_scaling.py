@@ -18,8 +18,8 @@ Peak memory: the peak bytes of tensors a segment allocates on top of the weights
 starts from (activations, workspace, the new state), counted op by op with a dispatch mode
 (:class:`TensorPeak`), on any device; "state MiB" is the memory state itself.
 
-    python benchmarks/continuous_scaling.py                       # 1e3, 1e4, 1e5 tokens
-    python benchmarks/continuous_scaling.py --contexts 1e3 1e4 1e5 1e6 --out runs/continuous_scaling.json
+    python -m benchmarks.continuous_scaling                       # 1e3, 1e4, 1e5 tokens
+    python -m benchmarks.continuous_scaling --contexts 1e3 1e4 1e5 1e6 --out runs/continuous_scaling.json
 """
 
 from __future__ import annotations
@@ -42,8 +42,7 @@ from torch.utils._pytree import tree_flatten
 import memory_plugins as mp
 from memory_plugins.models import ReferenceDecoder
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/, also when imported
-from bench_utils import sync, write_result  # noqa: E402
+from benchmarks.bench_utils import sync, write_result
 
 
 class TensorPeak(TorchDispatchMode):

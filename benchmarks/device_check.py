@@ -19,7 +19,7 @@ part and writes a JSON:
    memory, the ratio to the no-memory model timed in the same run, and the projected time of one run
    of the preset (the paper's: 20 epochs of 8,000 sequences in batches of 8 = 20,000 steps).
 
-    python benchmarks/device_check.py --device cuda --out runs/device_check.json
+    python -m benchmarks.device_check --device cuda --out runs/device_check.json
 """
 
 from __future__ import annotations
@@ -28,21 +28,18 @@ import argparse
 import copy
 import platform
 import statistics
-import sys
 import time
 from contextlib import nullcontext
-from pathlib import Path
 
 import torch
 
 import memory_plugins as mp
 from memory_plugins.models import ReferenceDecoder
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # examples/ when run as a script
-from examples.sorting.benchmark import ALL_MEMORIES, PRESETS, build, run_segments  # noqa: E402
-from examples.sorting.task import generate  # noqa: E402
+from examples.sorting.benchmark import ALL_MEMORIES, PRESETS, build, run_segments
+from examples.sorting.task import generate
 
-from bench_utils import sync, write_result  # noqa: E402  (benchmarks/, the script's folder)
+from benchmarks.bench_utils import sync, write_result
 
 # Small memories that a 6-segment stream of 64 tokens fills and overflows (every path is exercised).
 CHECKED: dict[str, tuple[str, dict]] = {

@@ -15,10 +15,10 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT
 python3 -c "import torch, transformers, x_transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)" | tee -a "$OUT/gpu.txt"
 
 # 1. timings first, alone on the GPU
-timeout 120 python3 benchmarks/device_check.py --device cuda --out "$OUT/device_check.json" 2>&1 | tee "$OUT/device_check.log"
-timeout 40 python3 benchmarks/device_check.py --device cuda --preset cpu --lengths 1024 --dtypes fp32 \
+timeout 120 python3 -m benchmarks.device_check --device cuda --out "$OUT/device_check.json" 2>&1 | tee "$OUT/device_check.log"
+timeout 40 python3 -m benchmarks.device_check --device cuda --preset cpu --lengths 1024 --dtypes fp32 \
   --memories none continuous continuous_sticky --steps 10 --out runs/device_check_cpu_preset.json 2>&1 | tail -6 | tee -a "$OUT/device_check.log"
-timeout 100 python3 benchmarks/continuous_scaling.py --device cuda --contexts 1e3 1e4 1e5 1e6 --segment 256 --dim 128 \
+timeout 100 python3 -m benchmarks.continuous_scaling --device cuda --contexts 1e3 1e4 1e5 1e6 --segment 256 --dim 128 \
   --repeats 15 --out "$OUT/scaling_cuda.json" 2>&1 | tee "$OUT/scaling_cuda.log"
 
 # 2. sorting runs (cpu preset, T = 1024) in the background while the test suite runs on the GPU

@@ -4,23 +4,20 @@ Complements ``device_check.py`` (how long a step takes) with why: one profiled s
 steps) per memory at a preset's sizes, the operators sorted by self device time (CUDA) or self CPU
 time, and the step's totals. Prints the tables and writes them to ``--out`` as text.
 
-    python benchmarks/profile_step.py --device cuda --length 8000 --memories xl continuous continuous_sticky
+    python -m benchmarks.profile_step --device cuda --length 8000 --memories xl continuous continuous_sticky
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # examples/ when run as a script
-from examples.sorting.benchmark import ALL_MEMORIES, PRESETS, build, run_segments  # noqa: E402
-from examples.sorting.task import generate  # noqa: E402
+from examples.sorting.benchmark import ALL_MEMORIES, PRESETS, build, run_segments
+from examples.sorting.task import generate
 
-from bench_utils import sync, write_result  # noqa: E402  (benchmarks/, the script's folder)
+from benchmarks.bench_utils import sync, write_result
 
 
 def main(argv: list[str] | None = None) -> None:

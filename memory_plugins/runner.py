@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from torch import nn
+
 from .model import MemoryModel
 
 
@@ -44,13 +46,16 @@ class SegmentOutput:
 class SegmentRunner:
     """Run ``model`` over a long batch in segments of ``segment_len`` tokens.
 
+    ``model`` is a wrapped :class:`MemoryModel`, or a plain model (a no-memory baseline: each segment
+    then sees only itself).
+
     ``bptt_segments``: segments per truncated-BPTT window (needs a memory built with
     ``detach=False``; the default 1 keeps the paper's stop-gradient between segments).
     """
 
     def __init__(
         self,
-        model: MemoryModel,
+        model: MemoryModel | nn.Module,
         segment_len: int,
         *,
         bptt_segments: int = 1,
@@ -127,13 +132,14 @@ class SegmentRunner:
         # earlier (no-grad) segments would only shrink its gradient, by the share of them they hold.
         denom = max(int(scored[:, bounds[first_grad][0] :].sum()), 1)
 
-        if reset:
+        has_memory = isinstance(self.model, MemoryModel)
+        if reset and has_memory:
             self.model.reset_memory()
         token_losses, aux_terms, window, predictions = [], [], [], []
         for i, (s, e) in enumerate(bounds):
             if doc_start is not None and i > 0:
                 starting = doc_start[:, s:e].any(dim=1)  # (b,)
-                if bool(starting.any()):
+                if has_memory and bool(starting.any()):
                     self.model.reset_memory(starting)
             ctx = torch.no_grad() if i < first_grad else nullcontext()
             with ctx:
@@ -141,7 +147,7 @@ class SegmentRunner:
                 tl = F.cross_entropy(
                     logits.float().transpose(1, 2), targets[:, s:e], ignore_index=self.ignore_index, reduction="none"
                 )  # (b, n)
-                aux = self.model.memory_aux_loss()
+                aux = self.model.memory_aux_loss() if has_memory else tl.new_zeros(())
             predictions.append(logits.argmax(dim=-1))  # (b, n)
             token_losses.append(tl)
             aux_terms.append(aux)
@@ -155,7 +161,7 @@ class SegmentRunner:
                     token_losses = [x.detach() for x in token_losses]
                     aux_terms = [x.detach() for x in aux_terms]
                     window = []
-                if self.bptt_segments > 1:
+                if self.bptt_segments > 1 and has_memory:
                     self.model.detach_memory()
 
         token_loss = torch.cat(token_losses, dim=1)  # (b, T')

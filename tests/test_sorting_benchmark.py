@@ -46,7 +46,6 @@ def test_only_the_memories_see_beyond_the_last_segment(memory: str) -> None:
     a, b = a.to(DEVICE), SortingBatch(b_tokens, a.counts).to(DEVICE)
     model.eval()
     la = run_segments(model, memory, a, n, train=False).token_loss[:, -NUM_SYMBOLS:]  # (2, S)
-    model.reset_memory()
     lb = run_segments(model, memory, b, n, train=False).token_loss[:, -NUM_SYMBOLS:]  # (2, S)
     if memory == "none":
         assert torch.equal(la, lb)

@@ -19,7 +19,6 @@ import argparse
 import json
 import math
 import time
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -100,11 +99,11 @@ def memory_options(name: str, preset: Preset, length: int) -> tuple[str | None, 
     raise ValueError(f"unknown memory {name!r}; choose from {list(ALL_MEMORIES)}")
 
 
-def build(preset: Preset, memory: str, length: int) -> mp.MemoryModel:
+def build(preset: Preset, memory: str, length: int) -> torch.nn.Module:
     model = ReferenceDecoder(DecoderConfig(vocab_size=VOCAB, dim=preset.dim, depth=preset.depth, heads=preset.heads))
     kind, options = memory_options(memory, preset, length)
-    if kind is None:  # "none": a memory that is never switched on (see run_segments)
-        return mp.wrap(model, "xl", mem_len=1)
+    if kind is None:  # "none": the base model itself, unwrapped
+        return model
     return mp.wrap(model, kind, **options)
 
 
@@ -113,12 +112,10 @@ def run_segments(
 ) -> mp.SegmentOutput:
     inputs, targets = data.inputs_and_targets(lm_loss=train and lm_loss)  # (B, T + S) each
     runner = mp.SegmentRunner(model, n)
-    disabled = model.memory_disabled() if memory == "none" else nullcontext()
-    with disabled:
-        if train:
-            return runner(inputs, targets, align="end", grad_segments=1, backward=True)
-        with torch.no_grad():
-            return runner(inputs, targets, align="end")
+    if train:
+        return runner(inputs, targets, align="end", grad_segments=1, backward=True)
+    with torch.no_grad():
+        return runner(inputs, targets, align="end")
 
 
 def evaluate(model: mp.MemoryModel, memory: str, data: SortingBatch, preset: Preset, device: torch.device) -> dict:
