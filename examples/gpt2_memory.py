@@ -84,14 +84,14 @@ def main() -> None:
     tokens = stream(2, n, vocab)  # (b, 2n)
     with torch.no_grad():
         model(tokens[:, :n])
-    out = hf.generate(model, tokens[:, n : n + 4], max_new_tokens=8, do_sample=False, use_cache=True,
-                      eos_token_id=None)  # fmt: skip
+    out = model.generate(tokens[:, n : n + 4], max_new_tokens=8, do_sample=False, use_cache=True,
+                         eos_token_id=None, write_memory=True)  # read at every step, written once at the end
     print("  generated:", out[0, 4:].tolist(), " memory holds", model.memory.state_size(), "numbers")
 
     # 4. Save beside save_pretrained, load back, continue the same stream.
     probe = stream(2, n, vocab)[:, :n]
     with tempfile.TemporaryDirectory() as directory:
-        hf.save_pretrained(model, directory, save_memory_state=True)
+        model.save_pretrained(directory, save_memory_state=True)  # base weights + memory weights, config, state
         loaded = hf.from_pretrained(GPT2LMHeadModel, directory).eval()
         with torch.no_grad():
             diff = (loaded(probe).logits - model(probe).logits).abs().max().item()

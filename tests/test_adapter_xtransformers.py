@@ -242,9 +242,12 @@ def test_generate_writes_segments_at_boundaries(name: str) -> None:
     wrapped = _wrapped(name, _net(rotary_pos_emb=True))
     twin = copy.deepcopy(wrapped)
     prompt = torch.randint(0, V, (2, N + 3))  # one full segment + 3 tokens of the next
-    new = generate(wrapped, prompt, 2 * N, segment_len=N)  # ends 3 tokens into the fourth segment
-    uncached = generate(copy.deepcopy(twin), prompt, 2 * N, segment_len=N, cache_kv=False)
-    assert torch.equal(new, uncached)
+    before = wrapped.memory_state()
+    unasked = generate(wrapped, prompt, 2 * N, segment_len=N)  # ends 3 tokens into the fourth segment
+    assert _state_close(before, wrapped.memory_state(), tol=0.0)  # not asked to write: memory as it was
+    new = generate(wrapped, prompt, 2 * N, segment_len=N, write_memory=True)
+    uncached = generate(copy.deepcopy(twin), prompt, 2 * N, segment_len=N, cache_kv=False, write_memory=True)
+    assert torch.equal(new, uncached) and torch.equal(new, unasked)
     # The memory now holds exactly the three complete segments, as if streamed segment by segment.
     stream = torch.cat([prompt, new], dim=1)
     with torch.no_grad():

@@ -39,7 +39,6 @@ from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 import x_transformers.x_transformers as xt
@@ -345,7 +344,12 @@ def _logits(out: Any) -> Tensor:
     return out[0] if isinstance(out, tuple) else out
 
 
-@torch.no_grad()
+def _cached_step(model: nn.Module, current: Tensor, cache: Any) -> tuple[Tensor, Any]:
+    """Logits (b, V) after ``current`` (b, c) with x-transformers' kv cache; the updated cache."""
+    logits, inter = model(current, cache=cache, return_intermediates=True)  # (b, 1 or c, V)
+    return logits[:, -1], inter
+
+
 def generate(
     model: nn.Module,
     prompt: Tensor,
@@ -355,64 +359,16 @@ def generate(
     temperature: float = 0.0,
     filter_logits: Callable[[Tensor], Tensor] | None = None,
     cache_kv: bool = True,
+    write_memory: bool = False,
 ) -> Tensor:
-    """Sample ``max_new_tokens`` after ``prompt`` (b, t) from a wrapped x-transformers model; (b, T) new tokens.
+    """:func:`memory_plugins.generation.generate` for a wrapped x-transformers model, decoding the current
+    segment with x-transformers' kv cache (``cache_kv``). The memory is left as it was unless
+    ``write_memory``."""
+    from memory_plugins.generation import generate as segment_generate
 
-    The stream is cut into segments of ``segment_len`` tokens, as when training with
-    :class:`memory_plugins.SegmentRunner`: complete segments of the prompt are written to the memory as
-    usual; the current segment is decoded with a kv cache (``cache_kv``) while the memory is only read
-    (every step, every layer); once a segment is complete it is written to the memory (one forward of
-    the segment) and the next one starts with an empty cache. ``temperature`` 0 is greedy;
-    ``filter_logits`` (e.g. x-transformers' ``top_k``) is applied to the logits (b, V) before sampling.
-    """
-    if not isinstance(segment_len, int) or segment_len < 1:
-        raise ValueError(f"generate: segment_len must be an int >= 1, got {segment_len!r}")
-    if prompt.dim() != 2 or prompt.shape[1] < 1:
-        raise ValueError(f"generate: prompt must be (batch, time) with time >= 1, got shape {tuple(prompt.shape)}")
-    if not hasattr(model, "memory_frozen"):
-        raise TypeError("generate: pass the model returned by memory_plugins.wrap()")
-    was_training = model.training
-    model.eval()
-    try:
-        full = prompt.shape[1] // segment_len * segment_len
-        last: Tensor | None = None  # (b, V) logits for the next token
-        for s in range(0, full, segment_len):  # complete prompt segments: read + write
-            last = _logits(model(prompt[:, s : s + segment_len]))[:, -1]
-        current = prompt[:, full:]  # (b, c) the segment being decoded
-        cache = None
-        if current.shape[1]:
-            last, cache = _step(model, current, None, cache_kv)
-        new = []
-        for _ in range(max_new_tokens):
-            assert last is not None
-            token = _sample(last, temperature, filter_logits)  # (b, 1)
-            new.append(token)
-            current = torch.cat([current, token], dim=1)  # (b, c + 1)
-            if current.shape[1] == segment_len:  # segment complete: write it, start an empty one
-                last = _logits(model(current))[:, -1]
-                current, cache = current[:, :0], None
-            else:
-                last, cache = _step(model, current, cache, cache_kv)
-        return torch.cat(new, dim=1) if new else prompt[:, :0]
-    finally:
-        model.train(was_training)
-
-
-def _step(model: nn.Module, current: Tensor, cache: Any, cache_kv: bool) -> tuple[Tensor, Any]:
-    """Logits (b, V) after ``current`` (b, c) with the memory read-only; the updated kv cache."""
-    with model.memory_frozen():
-        if not cache_kv:
-            return _logits(model(current))[:, -1], None
-        logits, inter = model(current, cache=cache, return_intermediates=True)  # (b, 1 or c, V)
-        return logits[:, -1], inter
-
-
-def _sample(logits: Tensor, temperature: float, filter_logits: Callable[[Tensor], Tensor] | None) -> Tensor:
-    if filter_logits is not None:
-        logits = filter_logits(logits)
-    if temperature == 0.0:
-        return logits.argmax(dim=-1, keepdim=True)  # (b, 1)
-    return torch.multinomial(F.softmax(logits / temperature, dim=-1), 1)  # (b, 1)
+    return segment_generate(model, prompt, max_new_tokens, segment_len=segment_len, temperature=temperature,
+                            filter_logits=filter_logits, cached_step=_cached_step if cache_kv else None,
+                            logits_fn=_logits, write_memory=write_memory)
 
 
 __all__ = ["DEFAULT_TARGETS", "XTransformersAdapter", "generate"]
