@@ -4,9 +4,13 @@ Notation: b batch, h heads, n queries, N basis functions, M samples of the old s
 vectors, L = M + P fitted positions, Z padding positions per side, e model dim.
 
 The signal is X̄(t) = Bᵀ ψ(t) with ψ_j(t) = 𝒩(t; c_j, w_j²). Fitting B to vectors X (L, e) placed at
-positions t_1..t_L gives Bᵀ = Xᵀ G with G = Fᵀ (F Fᵀ + λ I)⁻¹, F = [ψ(t_1) … ψ(t_L)] (N, L). FFᵀ is
-badly conditioned (~1e6), so G is computed once per layout in float64 with a Cholesky solve (never an
-explicit inverse) and then kept, in float32, in :class:`BasisCache`: one copy shared by every layer.
+positions t_1..t_L gives Bᵀ = Xᵀ G with G = Fᵀ (F Fᵀ + λ I)⁻¹, F = [ψ(t_1) … ψ(t_L)] (N, L). With
+``pad`` (``pad_fit``, the default) the fit also asks for zeros at 2Z points outside [0, 1], weighted
+by α: G = Fᵀ (F Fᵀ + α F_z F_zᵀ + λ I)⁻¹. Why: the read integrates the signal over the real line, and
+unpadded the signal just outside [0, 1] is an unconstrained extrapolation that a read near an edge
+amplifies (docs/continuous.md). FFᵀ is badly conditioned (~1e6), so G is computed once per layout in
+float64 with a Cholesky solve (never an explicit inverse) and then kept, in float32, in
+:class:`BasisCache`: one copy shared by every layer.
 """
 
 from __future__ import annotations
@@ -18,6 +22,8 @@ import torch
 from torch import Tensor, nn
 
 _LOG_SQRT_2PI = 0.5 * math.log(2.0 * math.pi)
+PAD_EXTENT = 0.5  # with ``pad``: zero targets on [-0.5, 0) and (1, 1.5] at the fit's mean density ...
+PAD_WEIGHT = 0.25  # ... each weighing this much against a real vector (measured: docs/continuous.md)
 
 
 def rbf_basis(n_basis: int, widths: tuple[float, ...], dtype: torch.dtype = torch.float64) -> tuple[Tensor, Tensor]:
@@ -85,28 +91,37 @@ def fit_positions(num_past: int, num_new: int, tau: float) -> Tensor:
     return torch.cat([cell_centres(num_past, 0.0, tau), cell_centres(num_new, tau, 1.0)])  # (M + P,)
 
 
-def padding_positions(num_points: int) -> Tensor:
-    """Zero-target points that extend a fit of ``num_points`` vectors to [-0.5, 1.5] at the same mean
-    density: Z = ⌈L/2⌉ cell-centred in [-0.5, 0) and as many in (1, 1.5]. Returns (2Z,)."""
-    z = (num_points + 1) // 2
-    return torch.cat([cell_centres(z, -0.5, 0.0), cell_centres(z, 1.0, 1.5)])  # (2Z,)
+def padding_positions(num_points: int, extent: float = PAD_EXTENT, density: float = 1.0, gap: float = 0.0) -> Tensor:
+    """Zero-target points for a fit of ``num_points`` vectors: Z = ⌈L·extent·density⌉ cell-centred in
+    [-gap-extent, -gap) and as many in (1+gap, 1+gap+extent], ``density`` relative to the fit's mean
+    density of L points per unit length. Returns (2Z,). (Only the benchmark varies the keywords.)"""
+    z = max(1, math.ceil(num_points * extent * density - 1e-9))
+    left, right = cell_centres(z, -gap - extent, -gap), cell_centres(z, 1.0 + gap, 1.0 + gap + extent)  # (Z,), (Z,)
+    return torch.cat([left, right])  # (2Z,)
 
 
-def regression_matrix(positions: Tensor, centres: Tensor, widths: Tensor, ridge: float, pad: bool = False) -> Tensor:
-    """G = Fᵀ (F Fᵀ + λ I)⁻¹ for vectors at ``positions`` (L,), in float64: (L, N).
+def regression_matrix(
+    positions: Tensor, centres: Tensor, widths: Tensor, ridge: float, pad: bool | Tensor = False,
+    pad_weight: float = PAD_WEIGHT,
+) -> Tensor:
+    """G = Fᵀ (F Fᵀ + α F_z F_zᵀ + λ I)⁻¹ for vectors at ``positions`` (L,), in float64: (L, N).
 
-    Solved with a Cholesky factorisation of the SPD matrix FFᵀ + λI (no explicit inverse). With
-    ``pad`` the fit also asks for zeros at :func:`padding_positions`; their rows of G multiply zero
-    targets, so only the rows of the real positions are returned.
+    ``pad`` (True: :func:`padding_positions`; or a tensor of positions (Z',)) adds zero targets at
+    positions t_z outside [0, 1], each weighted by α = ``pad_weight``, with F_z = [ψ(t_z) …]: the fit
+    then keeps the signal near zero there, so a read whose density reaches past an edge sees (almost)
+    nothing instead of the fit's unconstrained extrapolation. Their targets are zero, so only FFᵀ
+    changes and only the rows of the real positions are returned. Solved with a Cholesky
+    factorisation of the SPD matrix (no explicit inverse).
     """
-    t = positions.to(torch.float64)  # (L,)
-    if pad:
-        t = torch.cat([t, padding_positions(t.numel())])  # (L + 2Z,)
-    f = basis_values(t, centres.to(torch.float64), widths.to(torch.float64)).T  # (N, L')
+    c, w = centres.to(torch.float64), widths.to(torch.float64)  # (N,), (N,)
+    f = basis_values(positions.to(torch.float64), c, w).T  # (N, L)
     a = f @ f.T + ridge * torch.eye(f.shape[0], dtype=torch.float64)  # (N, N) SPD
+    if isinstance(pad, Tensor) or pad:
+        t_z = pad.to(torch.float64) if isinstance(pad, Tensor) else padding_positions(positions.numel())  # (Z',)
+        f_z = basis_values(t_z, c, w).T  # (N, Z')
+        a = a + pad_weight * (f_z @ f_z.T)  # (N, N)
     chol = torch.linalg.cholesky(a)  # (N, N) lower
-    g_t = torch.cholesky_solve(f, chol)  # (N, L') = (FFᵀ + λI)⁻¹ F
-    return g_t.T[: positions.numel()].contiguous()  # (L, N)
+    return torch.cholesky_solve(f, chol).T.contiguous()  # (L, N) = ((FFᵀ + …)⁻¹ F)ᵀ
 
 
 # -- the shared cache --------------------------------------------------------------------------------

@@ -19,14 +19,19 @@ class ContinuousConfig(MemoryConfig):
 
     * ``n_basis`` N [sorting 1024, WikiText 150, GPT-2 512] and ``basis_widths``: N/len(widths) centres
       evenly spaced in [0, 1], each paired with every width [(0.01, 0.05); GPT-2 (0.005, 0.01)].
-    * ``ridge_lambda`` λ [authors' code: 1.0 and 0.5], ``pad_fit``: the ridge penalty of the fit
-      (Eq. 5) and whether the fit also asks for zeros on [-0.5, 0) and (1, 1.5] (authors' code).
-      Defaults chosen by measurement (AR(1) vectors with ρ = 0.9, N = n = 512, τ = 0.75, 4 seeds; relative
-      error of a fresh fit / of its first and last 5% / mean recall error of the last 6 segments
-      after 9 updates): λ = 0.5 without padding 0.2952 / 0.2900 / 0.7383; λ = 1.0 0.2995 / 0.2953 /
-      0.7433; λ = 0.5 padded 0.2978 / 0.3186 / 0.7395. Padding makes the edges worse and λ = 0.5
-      beats 1.0 on every figure, while the update stays contractive (spectral radius 0.737 vs 0.738).
-      ``test_default_ridge_and_padding_are_the_measured_best`` re-measures this at N = 128.
+    * ``ridge_lambda`` λ [authors' code: 1.0 and 0.5] and ``pad_fit``: the ridge penalty of the fit
+      (Eq. 5) and whether the fit also asks for zeros outside [0, 1] (on [-0.5, 0) and (1, 1.5], at
+      the fit's density, each zero weighing α = 1/4 of a real vector; the authors' code pads with
+      α = 1). Why pad: a read integrates the signal over the real line, and unpadded the signal just
+      outside [0, 1] is an unconstrained extrapolation: a read near an edge or with a wide σ then
+      weighs the fitted vectors up to 17× more (L1 norm) than an ideal read of the same density at
+      N = 512 (2.8–3.0× at N = 64); with the default padding ≤ 1.01× (≤ 1.10× at N = 64). It costs
+      reconstruction error at the edges of a fresh fit (AR(1) vectors, ρ = 0.9, N = n = 512:
+      first/last 5% 0.294 → 0.308, whole fit 0.295 → 0.297; recall after 9 updates 0.619 → 0.621
+      for the last two segments, older ones unchanged to 3 digits); α = 1 costs more (0.317), a
+      smaller α lets the edge amplification back in (1.15–1.17× at N = 64 for α = 1/10). λ = 0.5 beats 1.0 on every reconstruction figure, padded or not. Tables
+      and the rerun command: docs/continuous.md (``benchmarks/continuous_fit.py``); the tests
+      ``test_default_fit_is_the_measured_choice`` and ``tests/test_continuous_fit.py`` check them.
     * ``tau`` [0.75 sorting; 0.5 LM]: the old signal is contracted into [0, τ] on every update, the
       new vectors fill (τ, 1].
     * ``n_samples`` M: how many points of the old signal are re-fitted per update (None: M = N).
@@ -44,19 +49,23 @@ class ContinuousConfig(MemoryConfig):
       evicted vectors enter the LTM exactly once (paper: sorting 1024, WikiText 150).
     * ``kl_weight`` λ_KL [1e-5; GPT-2 1e-6], ``sigma_0`` σ₀ [0.05; WikiText 0.1], ``mu_prior``:
       KL(N(μ, σ²) ‖ N(μ₀, σ₀²)) regulariser (Eqs. 20–21); ``mu_prior=None`` sets μ₀ = μ (the paper).
-      Reported as the read's aux loss in training mode: summed over heads, averaged over queries and
-      samples, so that next to a per-token mean NLL λ_KL weighs it as in the paper's Eq. 22.
+      Reported per layer as the read's aux loss in training mode, averaged over queries and over the
+      samples that have an LTM; ``kl_reduction`` says what happens over the H heads: ``"paper"``
+      (default) sums them, so that next to a per-token mean NLL λ_KL weighs as in the paper's Eq. 22
+      (NLL and KL both summed over tokens); ``"mean"`` averages them, H times weaker (the authors'
+      code averages over batch, heads and queries).
     * ``sigma2_min``: lower clamp of σ² (keeps log σ² and the histogram's erf finite).
     * ``zero_init_output``: W_O starts at zero, so the memory adds nothing until trained.
     """
 
     name: ClassVar[str] = "continuous"
     SAMPLINGS: ClassVar[tuple[str, ...]] = ("quantile", "random")
+    KL_REDUCTIONS: ClassVar[tuple[str, ...]] = ("paper", "mean")
 
     n_basis: int = 512
     basis_widths: tuple[float, ...] = (0.01, 0.05)
     ridge_lambda: float = 0.5
-    pad_fit: bool = False
+    pad_fit: bool = True
     tau: float = 0.75
     n_samples: int | None = None
     sticky: bool = False
@@ -64,6 +73,7 @@ class ContinuousConfig(MemoryConfig):
     sticky_sampling: str = "quantile"
     stm_len: int = 0
     kl_weight: float = 1e-5
+    kl_reduction: str = "paper"
     sigma_0: float = 0.05
     sigma2_min: float = 1e-6
     mu_prior: float | None = None
@@ -97,6 +107,7 @@ class ContinuousConfig(MemoryConfig):
         check_choice(self, "sticky_sampling", self.SAMPLINGS)
         check_int(self, "stm_len", 0)
         check_float(self, "kl_weight", 0.0)
+        check_choice(self, "kl_reduction", self.KL_REDUCTIONS)
         check_float(self, "sigma_0", 0.0, low_open=True)
         check_float(self, "sigma2_min", 0.0, low_open=True)
         if self.mu_prior is not None:
