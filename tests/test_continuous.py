@@ -114,7 +114,7 @@ def test_config_rejects_bad_values_naming_parameter_value_and_range() -> None:
     with pytest.raises(TypeError, match="did you mean 'n_basis'"):
         mp.wrap(ReferenceDecoder(dim=16, depth=1, heads=2), "continuous", n_basi=8)
     cfg = ContinuousConfig(n_basis=6, basis_widths=[0.02, 0.1, 0.2])
-    assert cfg.basis_widths == (0.02, 0.1, 0.2) and cfg.num_samples == 6
+    assert cfg.basis_widths == (0.02, 0.1, 0.2) and cfg.samples_per_update == 6
 
 
 def test_settings_whose_update_amplifies_are_refused_at_wrap_time() -> None:
@@ -333,7 +333,7 @@ def test_evaluation_under_bf16_autocast_keeps_gaussians_in_float32() -> None:
 
 def naive_update(mem: ContinuousMemory, state: dict) -> torch.Tensor:
     """Gate, sample, place and refit, sample by sample in float64 (Python loops, SVD ridge)."""
-    cfg, m = mem.config, mem.config.num_samples
+    cfg, m = mem.config, mem.config.samples_per_update
     w, bias = mem.gate.weight.double(), mem.gate.bias.double()  # (e, e, 3), (e,)
     out = []
     for i in range(state["pending"].shape[0]):

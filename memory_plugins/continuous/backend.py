@@ -90,7 +90,7 @@ class ContinuousMemory(nn.Module):
         if config.zero_init_output:
             nn.init.zeros_(self.to_out.weight)
         cache = get_cache(shared, n_basis, config.basis_widths, config.ridge_lambda, config.tau, config.pad_fit)
-        cache.check_stable(config.num_samples)  # a clear error now rather than an overflow later
+        cache.check_stable(config.samples_per_update)  # a clear error now rather than an overflow later
         object.__setattr__(self, "cache", cache)  # shared by all layers; registered once, in ``shared``
 
     cache: BasisCache
@@ -148,7 +148,7 @@ class ContinuousMemory(nn.Module):
         b, p, _ = pending.shape
         if p == 0:
             return coef, has
-        cfg, m = self.config, self.config.num_samples
+        cfg, m = self.config, self.config.samples_per_update
         x_new = self.gate_vectors(pending)  # (b, P, e)
         count = valid.sum(dim=1)  # (b,)
         with torch.autocast(device_type=coef.device.type, enabled=False):
@@ -288,5 +288,5 @@ class ContinuousMemory(nn.Module):
 
     def extra_repr(self) -> str:
         cfg = self.config
-        return (f"n_basis={cfg.n_basis}, tau={cfg.tau}, samples={cfg.num_samples}, sticky={cfg.sticky}, "
+        return (f"n_basis={cfg.n_basis}, tau={cfg.tau}, samples={cfg.samples_per_update}, sticky={cfg.sticky}, "
                 f"stm_len={cfg.stm_len}")

@@ -115,6 +115,8 @@ class ContinuousConfig(MemoryConfig):
         check_bool(self, "zero_init_output")
 
     @property
-    def num_samples(self) -> int:
+    def samples_per_update(self) -> int:
         """M: points of the old signal re-fitted per update (``n_samples``, or N when None)."""
         return self.n_samples if self.n_samples is not None else self.n_basis
+
+    num_samples = samples_per_update  # name of 0.1, easily confused with the option n_samples
