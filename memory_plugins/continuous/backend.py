@@ -48,7 +48,6 @@ O(b·h·n·D).
 
 from __future__ import annotations
 
-import math
 
 import torch
 import torch.nn.functional as F
@@ -59,8 +58,9 @@ from typing import ClassVar
 from .. import fifo
 from ..interface import HostAttention, MemoryRead, MemoryState
 from ..registry import register_memory
-from .basis import BasisCache, basis_values, expected_basis_grid, get_cache
+from .basis import BasisCache, basis_values, get_cache
 from .config import ContinuousConfig
+from .read import gaussian_read
 from .sticky import attention_histogram, sample_locations, uniform_histogram
 
 
@@ -131,7 +131,9 @@ class ContinuousMemory(nn.Module):
     # -- the unbounded update (Eqs. 13–15, 18) ---------------------------------------------------------
     def gate_vectors(self, x: Tensor) -> Tensor:
         """X̃ = sigmoid(Conv1d(X)) ⊙ X over the pending vectors ``x`` (b, P, e) (Eq. 18)."""
-        g = self.gate(x.transpose(1, 2).to(self.gate.weight.dtype)).transpose(1, 2)  # (b, P, e)
+        w = self.gate.weight  # (e, e, 3) Conv1d(e → e, kernel 3, padding 1), applied along P as one matmul
+        windows = F.pad(x.to(w.dtype), (0, 0, 1, 1)).unfold(1, 3, 1)  # (b, P, e, 3) x_{t-1}, x_t, x_{t+1}
+        g = F.linear(windows.flatten(2), w.flatten(1), self.gate.bias)  # (b, P, e), no transposed copies
         return torch.sigmoid(g) * x  # (b, P, e)
 
     def update(self, state: MemoryState) -> tuple[Tensor, Tensor]:
@@ -197,18 +199,10 @@ class ContinuousMemory(nn.Module):
         cfg = self.config
         b, h, n, d = q.shape
         centres, widths = self.cache.grid(coef.device)  # (C,), (W,) with N = C·W
-        with torch.autocast(device_type=q.device.type, enabled=False):
-            # μ, σ² logits: w·(K_h q/√d) = q·(K_hᵀ w)/√d with K_hᵀ w = W_K,hᵀ (Bᵀ w): no (b, h, n, N) scores.
-            maps = torch.cat([self.mu_map.weight, self.sigma_map.weight]).float()  # (2, N)
-            bw = torch.einsum("kN,bNe->bke", maps, coef.float())  # (b, 2, e)
-            kw = F.linear(bw, self.to_k.weight.float()).view(b, 2, h, d)  # (b, 2, h, d)
-            logits = torch.einsum("bhnd,bkhd->kbhn", q.float(), kw) / math.sqrt(d)  # (2, b, h, n)
-            mu = torch.sigmoid(logits[0])  # (b, h, n) Eq. 9
-            sigma2 = F.softplus(logits[1]).clamp_min(cfg.sigma2_min)  # (b, h, n) Eq. 10
-            e_psi = expected_basis_grid(mu, sigma2, centres, widths)  # (b, h, n, N) E_p[ψ], Eq. 11
-        v = self.to_v(coef.to(self.to_v.weight.dtype)).view(b, -1, h, d).transpose(1, 2)  # (b, h, N, d)
-        z = torch.matmul(e_psi.to(v.dtype), v)  # (b, h, n, d) z_{h,i} = V_hᵀ E_p[ψ]
-        out = self.to_out(z.transpose(1, 2).reshape(b, n, h * d))  # (b, n, e) Z_LTM
+        z, mu, sigma2 = gaussian_read(q, coef, self.to_k.weight, self.to_v.weight, self.mu_map.weight,
+                                      self.sigma_map.weight, centres, widths, cfg.sigma2_min, impl=cfg.read_impl,
+                                      min_width=min(cfg.basis_widths))  # (b, h, n, d), (b, h, n), (b, h, n)
+        out = self.to_out(z.transpose(1, 2).reshape(b, n, h * d).to(self.to_out.weight.dtype))  # (b, n, e) Z_LTM
         return out, mu, sigma2
 
     def step(self, state: MemoryState, x: Tensor, q: Tensor | None,

@@ -56,6 +56,9 @@ class ContinuousConfig(MemoryConfig):
       code averages over batch, heads and queries).
     * ``sigma2_min``: lower clamp of σ² (keeps log σ² and the histogram's erf finite).
     * ``zero_init_output``: W_O starts at zero, so the memory adds nothing until trained.
+    * ``read_impl``: ``"sdpa"`` computes the Gaussian read as one fused attention over the N basis
+      keys (never materialising the (b, h, n, N) densities, :mod:`.read`); ``"dense"`` materialises
+      them (the reference; same values within float32 rounding).
     """
 
     name: ClassVar[str] = "continuous"
@@ -78,6 +81,7 @@ class ContinuousConfig(MemoryConfig):
     sigma2_min: float = 1e-6
     mu_prior: float | None = None
     zero_init_output: bool = True
+    read_impl: str = "sdpa"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -113,6 +117,7 @@ class ContinuousConfig(MemoryConfig):
         if self.mu_prior is not None:
             check_float(self, "mu_prior", 0.0, 1.0)
         check_bool(self, "zero_init_output")
+        check_choice(self, "read_impl", ("sdpa", "dense"))
 
     @property
     def samples_per_update(self) -> int:

@@ -1,0 +1,162 @@
+"""A training step with the continuous memory against the same host with an XL cache: time, operators, compile.
+
+Notation: b batch, n segment length, e model dim, h heads, N basis functions, m XL memory length.
+
+For each memory (``continuous`` with N basis functions, ``xl`` with mem_len = N, and the bare host),
+a 2-layer reference decoder streams ``--segments`` segments of a batch, the memory full, and runs one
+forward + backward + optimiser step per segment. Reported, all measured in the same run, repeats
+interleaved so that machine noise hits every memory alike:
+
+* median step time and its ratio to ``xl`` (the issue's goal: continuous ≤ 1.1 × xl);
+* operators per step (torch.profiler events of one step: every ``aten::`` call on the CPU, and the
+  kernel launches on CUDA);
+* with ``--compile``: the same step under ``torch.compile``, its time, the graph breaks that
+  ``torch._dynamo.explain`` finds in one segment's forward, and the largest difference of its loss
+  from eager's.
+
+    python -m benchmarks.continuous_step --threads 1                      # CPU shapes of the issue
+    python -m benchmarks.continuous_step --device cuda --batch 8 --segment 1024 --dim 300 --heads 6 --basis 512
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.profiler import ProfilerActivity, profile
+
+import memory_plugins as mp
+from benchmarks.bench_utils import sync, write_result
+from memory_plugins.models import ReferenceDecoder
+
+VOCAB = 256
+
+
+def build(memory: str, args: argparse.Namespace, device: torch.device) -> torch.nn.Module:
+    torch.manual_seed(0)
+    base = ReferenceDecoder(vocab_size=VOCAB, dim=args.dim, depth=args.depth, heads=args.heads)
+    if memory == "none":
+        return base.to(device)
+    if memory == "xl":
+        return mp.wrap(base, "xl", mem_len=args.basis).to(device)
+    return mp.wrap(base, "continuous", n_basis=args.basis, stm_len=0, zero_init_output=False).to(device)
+
+
+def step(model: torch.nn.Module, opt: torch.optim.Optimizer, tokens: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    """One segment: forward, loss (+ memory aux), backward, optimiser step. ``tokens`` (b, n + 1)."""
+    with torch.autocast(tokens.device.type, dtype=dtype, enabled=dtype is not None):
+        logits = model(tokens[:, :-1])  # (b, n, V)
+        loss = F.cross_entropy(logits.float().flatten(0, 1), tokens[:, 1:].flatten())
+        if isinstance(model, mp.MemoryModel):
+            loss = loss + model.memory_aux_loss()
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return loss.detach()
+
+
+def operators(model: torch.nn.Module, opt: torch.optim.Optimizer, tokens: torch.Tensor, device: torch.device,
+              dtype: torch.dtype | None) -> dict[str, int]:
+    """aten operator calls (and CUDA kernel launches) of one step."""
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        step(model, opt, tokens, dtype)
+        sync(device)
+    events = prof.events()
+    out = {"aten_ops": sum(1 for e in events if e.name.startswith("aten::"))}
+    if device.type == "cuda":
+        out["kernel_launches"] = sum(1 for e in events if e.name in ("cudaLaunchKernel", "cuLaunchKernel",
+                                                                      "cudaLaunchKernelExC"))
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--segment", type=int, default=256)
+    p.add_argument("--dim", type=int, default=192)
+    p.add_argument("--heads", type=int, default=6)
+    p.add_argument("--depth", type=int, default=2)
+    p.add_argument("--basis", type=int, default=256, help="N for continuous; mem_len for xl")
+    p.add_argument("--repeats", type=int, default=15)
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    p.add_argument("--memories", nargs="*", default=["none", "xl", "continuous"])
+    p.add_argument("--compile", action="store_true", help="also time the step under torch.compile")
+    p.add_argument("--threads", type=int)
+    p.add_argument("--out", default="benchmarks/results/continuous_step.json")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    dtype = torch.bfloat16 if args.dtype == "bf16" else None
+    gen = torch.Generator().manual_seed(0)
+    data = [torch.randint(0, VOCAB, (args.batch, args.segment + 1), generator=gen).to(device) for _ in range(4)]
+    runs: dict[str, dict[str, Any]] = {}
+    for memory in args.memories:
+        model = build(memory, args, device).train()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        for tokens in data + data:  # fill the memory, warm up the allocator
+            step(model, opt, tokens, dtype)
+        runs[memory] = {"model": model, "opt": opt, "times": []}
+    for r in range(args.repeats):  # interleaved: every memory sees the same machine noise
+        for memory, run in runs.items():
+            tokens = data[r % len(data)]
+            sync(device)
+            t0 = time.perf_counter()
+            step(run["model"], run["opt"], tokens, dtype)
+            sync(device)
+            run["times"].append(time.perf_counter() - t0)
+    rows = []
+    for memory, run in runs.items():
+        row: dict[str, Any] = {"memory": memory, "step_ms": 1e3 * statistics.median(run["times"])}
+        row.update(operators(run["model"], run["opt"], data[0], device, dtype))
+        if args.compile:
+            row.update(compiled(run, data, device, dtype, args.repeats))
+        rows.append(row)
+    xl = next((r for r in rows if r["memory"] == "xl"), None)
+    for row in rows:
+        row["ratio_to_xl"] = row["step_ms"] / xl["step_ms"] if xl else None
+    print(f"{'memory':<12}{'step ms':>10}{'÷ xl':>8}{'aten ops':>10}" + ("  compiled ms  breaks  |Δloss|" if args.compile else ""))
+    for row in rows:
+        line = f"{row['memory']:<12}{row['step_ms']:>10.1f}{(row['ratio_to_xl'] or 0):>8.2f}{row['aten_ops']:>10}"
+        if args.compile:
+            line += f"  {row['compiled_step_ms']:>11.1f}  {row['graph_breaks']:>6}  {row['max_loss_diff']:.1e}"
+        print(line)
+    result = {"args": vars(args), "torch": torch.__version__, "threads": torch.get_num_threads(), "rows": rows}
+    write_result(result, args.out)
+    return result
+
+
+def compiled(run: dict[str, Any], data: list[torch.Tensor], device: torch.device, dtype: torch.dtype | None,
+             repeats: int) -> dict[str, Any]:
+    """Time the compiled step; count graph breaks of one forward; compare its loss with eager's."""
+    import copy
+
+    model = run["model"]
+    eager = copy.deepcopy(model)
+    fast = torch.compile(copy.deepcopy(model))
+    opt = torch.optim.AdamW(fast.parameters(), lr=1e-4)
+    opt_eager = torch.optim.AdamW(eager.parameters(), lr=1e-4)
+    diffs = []
+    for tokens in data:  # compile (and recompile as shapes settle), compare with eager step by step
+        diffs.append((step(fast, opt, tokens, dtype) - step(eager, opt_eager, tokens, dtype)).abs().item())
+    times = []
+    for r in range(repeats):
+        sync(device)
+        t0 = time.perf_counter()
+        step(fast, opt, data[r % len(data)], dtype)
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    explain = torch._dynamo.explain(copy.deepcopy(model))(data[0][:, :-1])
+    return {"compiled_step_ms": 1e3 * statistics.median(times), "graph_breaks": int(explain.graph_break_count),
+            "graphs": int(explain.graph_count), "max_loss_diff": max(diffs),
+            "break_reasons": sorted({str(b.reason).split("\n")[0][:160] for b in explain.break_reasons})}
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,264 @@
+"""The continuous memory's read (Eqs. 8–11) as one scaled-dot-product attention, never (b, h, n, N).
+
+Notation: b batch, h heads, n queries, d head dim, e model dim, N = W·C basis functions (W distinct
+widths w_g, C centres c_j evenly spaced in [0, 1], width-major), Q = b·h·n queries in all, K centre
+chunks, D the attention's last dim (q̃, k̃ and the values, zero-padded: D ≥ d + 1 and D ≥ W·(2K + 1)).
+
+The read of query i in head h is z = Σ_j E_p[ψ_j] V_j with p = 𝒩(μ, σ²) and (Eq. 11)
+
+    E_p[ψ_j] = 𝒩(μ; c_j, v_g) = exp(−(μ − c_j)²/(2 v_g) − ½ log(2π v_g)),  v_g = σ² + w_g²  (j in group g).
+
+The exponent is an inner product of small features: with any offset a, x = μ − a and u = c_j − a, it
+is q̃·k̃_j with q̃ = [−x²/(2v) − ½ log(2πv), x/v, −1/(2v)] and k̃_j = [1, u, u²]. Why offsets: the three
+terms are each of size ~(μ − a)²/v and must cancel to ~(μ − c)²/v; with w = 0.01 (v ≈ 1e-4) and a
+fixed a they reach ~1e3 even centred (a = ½), where float32 rounding (6e-8 relative) moves the
+exponent by ~1e-4: the whole error budget of the read. So the centres are cut into K contiguous
+chunks with their own offset a_k (their middle): the keys that carry weight lie near μ, hence near
+their own a_k, and the terms stay ~(|μ − c| + ½ chunk)²/v. Each width group gets a block of
+features: K α's and K β's (one per chunk) and one γ (−1/(2v) does not depend on the offset); a key
+fills only its group's block, with 1 in its chunk's α, u in its β and u² in γ. K is set by the
+narrowest width, then raised to fill the padding.
+
+SDPA normalises by Σ_j exp(q̃·k̃_j); the read needs the plain sum. One extra key with zero features
+(logit 0) and a value column that is 1 only for it gives o_extra = 1/(1 + Σ_j exp ℓ_j), so
+z = o_V / o_extra, with exact gradients through SDPA's own backward (the hand-written backward of
+:class:`_Unnormalise` only differentiates that division). SDPA's backward ignores its returned
+log-sum-exp, so un-normalising with it would give wrong gradients.
+
+Precision: features, SDPA and the un-normalisation run in float32 (float64 for float64 inputs), with
+autocast off: bf16 logits of size 1e3 would be meaningless. The value projection follows autocast (as
+the dense read's does) and is cast up for the attention; z is returned in its dtype.
+Kernels: CPU's fused (flash) kernel needs q, k and v of one last dim, hence one padded D for all
+three. On CUDA, fp32 rules out the flash and cuDNN kernels; the memory-efficient kernel takes fp32
+with last dims divisible by 4, so D is a multiple of 4.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .basis import expected_basis_grid
+
+_LOG_2PI = math.log(2.0 * math.pi)
+IMPLS = ("sdpa", "dense")
+CHUNK_HALF_WIDTH = 10.0  # a chunk spans at most ±10 w_min around its offset (see feature_layout)
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the Gaussian terms are computed in: float64 for float64 inputs, float32 otherwise."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def gaussian_params(q: Tensor, coef: Tensor, w_k: Tensor, w_mu: Tensor, w_sigma: Tensor,
+                    sigma2_min: float) -> tuple[Tensor, Tensor]:
+    """μ = sigmoid(w_μ·(K_h q)/√d), σ² = max(softplus(w_σ·(K_h q)/√d), σ²_min) (Eqs. 9–10), (b, h, n) each.
+
+    w·(K_h q) = q·(K_hᵀ w) with K_hᵀ w = W_K,hᵀ (Bᵀ w): the (b, h, n, N) scores are never formed.
+    ``q`` (b, h, n, d), ``coef`` (b, N, e), ``w_k`` (h·d, e), ``w_mu``/``w_sigma`` (N,) or (1, N).
+    Computed in float32 (float64 for float64 queries) with autocast off.
+    """
+    b, h, n, d = q.shape
+    ct = compute_dtype(q.dtype)
+    with torch.autocast(device_type=q.device.type, enabled=False):
+        maps = torch.stack([w_mu.reshape(-1), w_sigma.reshape(-1)]).to(ct)  # (2, N)
+        bw = torch.einsum("kN,bNe->bke", maps, coef.to(ct))  # (b, 2, e) Bᵀ w
+        kw = F.linear(bw, w_k.to(ct)).view(b, 2, h, d)  # (b, 2, h, d) K_hᵀ w
+        logits = torch.einsum("bhnd,bkhd->kbhn", q.to(ct), kw) / math.sqrt(d)  # (2, b, h, n)
+        mu = torch.sigmoid(logits[0])  # (b, h, n) Eq. 9
+        sigma2 = F.softplus(logits[1]).clamp_min(sigma2_min)  # (b, h, n) Eq. 10
+    return mu, sigma2
+
+
+def value_heads(coef: Tensor, w_v: Tensor, num_heads: int) -> Tensor:
+    """V_h = B W_V,hᵀ per head (Eq. 8): ``coef`` (b, N, e), ``w_v`` (h·d, e) → (b, h, N, d).
+
+    Runs under autocast if enabled (bf16 values, as any projection of the host model)."""
+    b, n_basis, _ = coef.shape
+    v = F.linear(coef.to(w_v.dtype), w_v)  # (b, N, h·d)
+    return v.view(b, n_basis, num_heads, -1).transpose(1, 2)  # (b, h, N, d)
+
+
+# -- the Gaussian read as attention --------------------------------------------------------------------
+
+
+def feature_layout(head_dim: int, num_widths: int, num_centres: int, min_width: float) -> tuple[int, int]:
+    """(D, K): the attention's last dim and the number of centre chunks.
+
+    Accuracy needs chunks no wider than 2·CHUNK_HALF_WIDTH·w_min (the narrowest width sets the size of
+    the cancelling terms). D holds the d + 1 value columns and W blocks of D/W ≥ 2K + 1 features; it is
+    a multiple of 4 (CUDA's fp32 kernels) and of W (equal blocks), as small as allowed. K then fills
+    the blocks (at most C chunks: one centre each).
+    """
+    k_min = min(num_centres, math.ceil(1.0 / (2.0 * CHUNK_HALF_WIDTH * min_width) - 1e-6))  # w_min in fp32 or not
+    step = 4 * num_widths // math.gcd(4, num_widths)  # lcm(4, W)
+    dim = step * math.ceil(max(head_dim + 1, num_widths * (2 * k_min + 1)) / step)
+    return dim, min(num_centres, (dim // num_widths - 1) // 2)
+
+
+def chunk_offsets(centres: Tensor, num_chunks: int) -> tuple[Tensor, Tensor]:
+    """(chunk of each centre (C,) long, offset a_k of each chunk (K,)): K contiguous, near-equal chunks
+    of the sorted centres, each offset the middle of its chunk's centres."""
+    c = centres.numel()
+    chunk = torch.arange(c, device=centres.device) * num_chunks // c  # (C,) 0 … K−1, non-decreasing
+    lo = torch.full((num_chunks,), math.inf, device=centres.device, dtype=centres.dtype)  # (K,)
+    hi = torch.full((num_chunks,), -math.inf, device=centres.device, dtype=centres.dtype)  # (K,)
+    lo = lo.scatter_reduce(0, chunk, centres, "amin")  # (K,)
+    hi = hi.scatter_reduce(0, chunk, centres, "amax")  # (K,)
+    return chunk, 0.5 * (lo + hi)  # (C,), (K,)
+
+
+def key_features(centres: Tensor, chunk: Tensor, offsets: Tensor, num_widths: int, dim: int) -> Tensor:
+    """k̃ for the N basis keys plus the extra (all-zero) key: (N + 1, D).
+
+    Width group g owns the block of columns g·D/W + [0, D/W): [0, K) the α's (one per chunk), [K, 2K)
+    the β's, 2K the γ shared by its chunks, the rest padding. Key j = g·C + c of chunk k holds 1 in
+    α_k, u = c_j − a_k in β_k and u² in γ of its group's block; every other column is 0.
+    """
+    c_count, k_count = centres.numel(), offsets.numel()
+    u = centres - offsets[chunk]  # (C,)
+    block = centres.new_zeros(c_count, dim // num_widths)  # (C, D/W) one width group's block
+    rows = torch.arange(c_count, device=centres.device)  # (C,)
+    block[rows, chunk] = 1.0
+    block[rows, k_count + chunk] = u
+    block[:, 2 * k_count] = u * u
+    keys = torch.block_diag(*[block] * num_widths)  # (N, D) width-major keys
+    return F.pad(keys, (0, 0, 0, 1))  # (N + 1, D) the last row is the extra key
+
+
+class _QueryFeatures(torch.autograd.Function):
+    """q̃ (b, h, n, D) from μ, σ² (b, h, n), with a hand-written backward.
+
+    Group g's block holds α_k = −x_k²/(2v) − ½ log(2πv), β_k = x_k/v (x_k = μ − a_k), γ = −1/(2v) with
+    v = σ² + w_g², then zeros. Why by hand: the features are tiny per query (D ≲ 64) and autograd's
+    broadcasting ops over them run short inner loops and reduce in their backward; here both passes
+    work on (W, D/W, Q) buffers with the Q = b·h·n queries contiguous and transpose once.
+    """
+
+    @staticmethod
+    def forward(ctx, mu: Tensor, sigma2: Tensor, offsets: Tensor, widths: Tensor, dim: int) -> Tensor:  # type: ignore[override]
+        q_count, num_w, num_k = mu.numel(), widths.numel(), offsets.numel()
+        var = sigma2.reshape(1, q_count) + (widths * widths)[:, None]  # (W, Q)
+        inv = var.reciprocal()  # (W, Q)
+        x = mu.reshape(1, q_count) - offsets[:, None]  # (K, Q)
+        buf = mu.new_empty(num_w, dim // num_w, q_count)  # (W, D/W, Q)
+        log_norm = torch.log(var * (2.0 * math.pi)).mul_(-0.5)  # (W, Q) −½ log(2πv)
+        torch.addcmul(log_norm[:, None], inv[:, None], (x * x)[None], value=-0.5, out=buf[:, :num_k])  # (W, K, Q) α
+        torch.mul(inv[:, None], x[None], out=buf[:, num_k : 2 * num_k])  # (W, K, Q) β
+        torch.mul(inv, -0.5, out=buf[:, 2 * num_k])  # (W, Q) γ
+        buf[:, 2 * num_k + 1 :].zero_()  # (W, D/W − 2K − 1, Q) padding
+        ctx.save_for_backward(inv, x)
+        return buf.view(dim, q_count).T.contiguous().view(*mu.shape, dim)  # (b, h, n, D)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        inv, x = ctx.saved_tensors  # (W, Q), (K, Q)
+        (num_w, q_count), num_k = inv.shape, x.shape[0]
+        g = grad.reshape(q_count, -1).T.contiguous().view(num_w, -1, q_count)  # (W, D/W, Q)
+        g_alpha, g_beta, g_gamma = g[:, :num_k], g[:, num_k : 2 * num_k], g[:, 2 * num_k]  # (W, K, Q) ×2, (W, Q)
+        # ∂α/∂μ = −x/v, ∂β/∂μ = 1/v;  ∂α/∂v = x²/(2v²) − 1/(2v), ∂β/∂v = −x/v², ∂γ/∂v = 1/(2v²)
+        d_mu = ((g_beta - g_alpha * x).sum(1) * inv).sum(0)  # (Q,)
+        moment = 0.5 * (g_alpha * (x * x)).sum(1) - (g_beta * x).sum(1) + 0.5 * g_gamma  # (W, Q)
+        d_var = moment * inv * inv - 0.5 * g_alpha.sum(1) * inv  # (W, Q)
+        needs = ctx.needs_input_grad
+        return (d_mu.view(grad.shape[:-1]) if needs[0] else None,
+                d_var.sum(0).view(grad.shape[:-1]) if needs[1] else None, None, None, None)
+
+
+def query_features(mu: Tensor, sigma2: Tensor, offsets: Tensor, widths: Tensor, dim: int) -> Tensor:
+    """q̃ for every query (see :class:`_QueryFeatures`): μ, σ² (b, h, n) → (b, h, n, D)."""
+    return _QueryFeatures.apply(mu, sigma2, offsets, widths, dim)
+
+
+class _Unnormalise(torch.autograd.Function):
+    """z = o_V / o_extra from the SDPA output (b, h, n, D), with its exact gradient written straight
+    into one contiguous (b, h, n, D) buffer (what SDPA's backward wants), instead of autograd's split,
+    division and concatenation. ∂z/∂o_V = 1/o_extra, ∂z/∂o_extra = −z/o_extra, padding columns 0."""
+
+    @staticmethod
+    def forward(ctx, out: Tensor, head_dim: int) -> Tensor:  # type: ignore[override]
+        r = out[..., head_dim : head_dim + 1].reciprocal()  # (b, h, n, 1) 1/o_extra = 1 + Σ_j exp ℓ_j
+        z = out[..., :head_dim] * r  # (b, h, n, d)
+        ctx.save_for_backward(z, r)
+        ctx.attn_dim = out.shape[-1]
+        return z
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, None]:  # type: ignore[override]
+        z, r = ctx.saved_tensors  # (b, h, n, d), (b, h, n, 1)
+        d = z.shape[-1]
+        g_out = grad.new_empty(*z.shape[:-1], ctx.attn_dim)  # (b, h, n, D)
+        torch.mul(grad, r, out=g_out[..., :d])  # (b, h, n, d)
+        torch.mul(torch.linalg.vecdot(grad, z)[..., None], r, out=g_out[..., d : d + 1]).neg_()  # (b, h, n, 1)
+        g_out[..., d + 1 :].zero_()  # (b, h, n, D − d − 1)
+        return g_out, None
+
+
+def expected_values_sdpa(mu: Tensor, sigma2: Tensor, v: Tensor, centres: Tensor, widths: Tensor,
+                         min_width: float | None = None) -> Tensor:
+    """z = Σ_j 𝒩(μ; c_j, σ² + w_j²) V_j through one SDPA over the N + 1 keys: (b, h, n, d).
+
+    ``mu``, ``sigma2`` (b, h, n); ``v`` (b, h, N, d); ``centres`` (C,), ``widths`` (W,) the distinct
+    centres and widths (N = W·C, width-major); ``min_width`` min(widths) as a float (None: read from
+    ``widths``, a device sync on a GPU). Computed in the dtype of ``mu`` (float32/64), autocast off;
+    returned in the dtype of ``v``.
+    """
+    b, h, n_basis, d = v.shape
+    ct = mu.dtype
+    num_w, num_c = widths.numel(), centres.numel()
+    if num_w * num_c != n_basis:
+        raise ValueError(f"continuous read: {num_w} widths × {num_c} centres ≠ {n_basis} value rows")
+    if min_width is None:
+        min_width = float(widths.min())
+    dim, num_k = feature_layout(d, num_w, num_c, min_width)
+    with torch.autocast(device_type=mu.device.type, enabled=False):
+        cen = centres.to(ct)  # (C,)
+        chunk, offsets = chunk_offsets(cen, num_k)  # (C,), (K,)
+        keys = key_features(cen, chunk, offsets, num_w, dim)  # (N + 1, D)
+        queries = query_features(mu, sigma2, offsets, widths.to(ct), dim)  # (b, h, n, D)
+        extra = torch.zeros(dim, device=v.device, dtype=ct)  # (D,)
+        extra[d] = 1.0  # the extra key's value: 1 in the normaliser's column
+        values = torch.cat([F.pad(v.to(ct), (0, dim - d)), extra.expand(b, h, 1, dim)], dim=2)  # (b, h, N + 1, D)
+        keys = keys.expand(b, h, -1, -1)  # (b, h, N + 1, D) stride 0 over b, h: read in place on CPU
+        if keys.device.type != "cpu":  # some CUDA memory-efficient kernels mis-index stride-0 K/V (pytorch#191937)
+            keys = keys.contiguous()  # (b, h, N + 1, D)
+        out = F.scaled_dot_product_attention(queries, keys, values, scale=1.0)  # (b, h, n, D)
+        z = _Unnormalise.apply(out, d)  # (b, h, n, d) o_V · (1 + Σ_j exp ℓ_j)
+    return z.to(v.dtype)
+
+
+def expected_values_dense(mu: Tensor, sigma2: Tensor, v: Tensor, centres: Tensor, widths: Tensor,
+                          min_width: float | None = None) -> Tensor:
+    """The same z through the materialised E_p[ψ] (b, h, n, N) (the reference and fallback).
+
+    E_p[ψ] is built in the dtype of ``mu`` with autocast off, then multiplied with ``v`` in its dtype
+    (bf16 under autocast, as the read always did). Returns (b, h, n, d) in the dtype of ``v``;
+    ``min_width`` is unused (the signature matches :func:`expected_values_sdpa`).
+    """
+    with torch.autocast(device_type=mu.device.type, enabled=False):
+        e_psi = expected_basis_grid(mu, sigma2, centres, widths)  # (b, h, n, N) E_p[ψ], Eq. 11
+    return torch.matmul(e_psi.to(v.dtype), v)  # (b, h, n, d) z_{h,i} = V_hᵀ E_p[ψ]
+
+
+def gaussian_read(q: Tensor, coef: Tensor, w_k: Tensor, w_v: Tensor, w_mu: Tensor, w_sigma: Tensor,
+                  centres: Tensor, widths: Tensor, sigma2_min: float,
+                  impl: str = "sdpa", min_width: float | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """The LTM read before W_O (Eqs. 8–11): ``(z (b, h, n, d), μ (b, h, n), σ² (b, h, n))``.
+
+    ``q`` (b, h, n, d) the host's queries; ``coef`` (b, N, e) the LTM coefficients B; ``w_k``, ``w_v``
+    (h·d, e) the key/value projections' weights; ``w_mu``, ``w_sigma`` (N,) or (1, N) the maps N → 1;
+    ``centres`` (C,), ``widths`` (W,) the distinct centres and widths (``BasisCache.grid``);
+    ``sigma2_min`` the clamp of σ²; ``min_width`` min(widths) as a Python float (sizes the SDPA's
+    features; None reads it from ``widths``, a device sync on a GPU). ``impl``: "sdpa" (fused
+    attention, no (b, h, n, N) tensor) or "dense" (materialised E_p[ψ]). μ, σ² are float32 (float64
+    for float64 queries); z has the dtype of the value projection (bf16 under bf16 autocast).
+    """
+    if impl not in IMPLS:
+        raise ValueError(f"continuous read: impl must be one of {IMPLS}, got {impl!r}")
+    mu, sigma2 = gaussian_params(q, coef, w_k, w_mu, w_sigma, sigma2_min)  # (b, h, n), (b, h, n)
+    v = value_heads(coef, w_v, q.shape[1])  # (b, h, N, d)
+    read = expected_values_sdpa if impl == "sdpa" else expected_values_dense
+    return read(mu, sigma2, v, centres, widths, min_width), mu, sigma2  # (b, h, n, d), (b, h, n), (b, h, n)
