@@ -51,8 +51,9 @@ def step(model: torch.nn.Module, opt: torch.optim.Optimizer, tokens: torch.Tenso
     with torch.autocast(tokens.device.type, dtype=dtype, enabled=dtype is not None):
         logits = model(tokens[:, :-1])  # (b, n, V)
         loss = F.cross_entropy(logits.float().flatten(0, 1), tokens[:, 1:].flatten())
-        if isinstance(model, mp.MemoryModel):
-            loss = loss + model.memory_aux_loss()
+        wrapped = getattr(model, "_orig_mod", model)  # torch.compile's module wraps ours
+        if isinstance(wrapped, mp.MemoryModel):
+            loss = loss + wrapped.memory_aux_loss()
     loss.backward()
     opt.step()
     opt.zero_grad(set_to_none=True)

@@ -144,12 +144,12 @@ class _QueryFeatures(torch.autograd.Function):
         var = sigma2.reshape(1, q_count) + (widths * widths)[:, None]  # (W, Q)
         inv = var.reciprocal()  # (W, Q)
         x = mu.reshape(1, q_count) - offsets[:, None]  # (K, Q)
-        buf = mu.new_empty(num_w, dim // num_w, q_count)  # (W, D/W, Q)
         log_norm = torch.log(var * (2.0 * math.pi)).mul_(-0.5)  # (W, Q) −½ log(2πv)
-        torch.addcmul(log_norm[:, None], inv[:, None], (x * x)[None], value=-0.5, out=buf[:, :num_k])  # (W, K, Q) α
-        torch.mul(inv[:, None], x[None], out=buf[:, num_k : 2 * num_k])  # (W, K, Q) β
-        torch.mul(inv, -0.5, out=buf[:, 2 * num_k])  # (W, Q) γ
-        buf[:, 2 * num_k + 1 :].zero_()  # (W, D/W − 2K − 1, Q) padding
+        alpha = torch.addcmul(log_norm[:, None], inv[:, None], (x * x)[None], value=-0.5)  # (W, K, Q)
+        beta = inv[:, None] * x[None]  # (W, K, Q)
+        gamma = (inv * -0.5)[:, None]  # (W, 1, Q)
+        pad = mu.new_zeros(num_w, dim // num_w - 2 * num_k - 1, q_count)  # (W, D/W − 2K − 1, Q)
+        buf = torch.cat([alpha, beta, gamma, pad], dim=1)  # (W, D/W, Q) (no out= slices: torch.compile traces it)
         ctx.save_for_backward(inv, x)
         return buf.view(dim, q_count).T.contiguous().view(*mu.shape, dim)  # (b, h, n, D)
 
@@ -175,7 +175,7 @@ def query_features(mu: Tensor, sigma2: Tensor, offsets: Tensor, widths: Tensor, 
 
 class _Unnormalise(torch.autograd.Function):
     """z = o_V / o_extra from the SDPA output (b, h, n, D), with its exact gradient written straight
-    into one contiguous (b, h, n, D) buffer (what SDPA's backward wants), instead of autograd's split,
+    as one contiguous (b, h, n, D) tensor (what SDPA's backward wants), instead of autograd's split,
     division and concatenation. ∂z/∂o_V = 1/o_extra, ∂z/∂o_extra = −z/o_extra, padding columns 0."""
 
     @staticmethod
@@ -190,11 +190,10 @@ class _Unnormalise(torch.autograd.Function):
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, None]:  # type: ignore[override]
         z, r = ctx.saved_tensors  # (b, h, n, d), (b, h, n, 1)
         d = z.shape[-1]
-        g_out = grad.new_empty(*z.shape[:-1], ctx.attn_dim)  # (b, h, n, D)
-        torch.mul(grad, r, out=g_out[..., :d])  # (b, h, n, d)
-        torch.mul(torch.linalg.vecdot(grad, z)[..., None], r, out=g_out[..., d : d + 1]).neg_()  # (b, h, n, 1)
-        g_out[..., d + 1 :].zero_()  # (b, h, n, D − d − 1)
-        return g_out, None
+        g_v = grad * r  # (b, h, n, d)
+        g_extra = -(torch.linalg.vecdot(grad, z)[..., None] * r)  # (b, h, n, 1)
+        g_pad = grad.new_zeros(*z.shape[:-1], ctx.attn_dim - d - 1)  # (b, h, n, D − d − 1)
+        return torch.cat([g_v, g_extra, g_pad], dim=-1), None  # (b, h, n, D)
 
 
 def expected_values_sdpa(mu: Tensor, sigma2: Tensor, v: Tensor, centres: Tensor, widths: Tensor,

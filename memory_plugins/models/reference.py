@@ -75,8 +75,8 @@ class Attention(nn.Module):
         ``mask``, rotary positions count real tokens only, so left padding shifts nothing."""
         b, n, _ = x.shape
         q = self.project_q(x)  # (b, h, n, d)
-        k, v = self.project_kv(x)  # (b, h, n, d)
         read: MemoryRead | None = self.memory_hook(x, q, mask) if self.memory_hook is not None else None
+        k, v = self.project_kv(x)  # (b, h, n, d)
         m = 0
         if read is not None and read.kv_source is not None:
             km, vm = self.project_kv(read.kv_source.to(x.dtype))  # (b, h, m, d)
