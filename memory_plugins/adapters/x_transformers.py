@@ -350,25 +350,15 @@ def _cached_step(model: nn.Module, current: Tensor, cache: Any) -> tuple[Tensor,
     return logits[:, -1], inter
 
 
-def generate(
-    model: nn.Module,
-    prompt: Tensor,
-    max_new_tokens: int,
-    *,
-    segment_len: int,
-    temperature: float = 0.0,
-    filter_logits: Callable[[Tensor], Tensor] | None = None,
-    cache_kv: bool = True,
-    write_memory: bool = False,
-) -> Tensor:
+def generate(model: nn.Module, prompt: Tensor, max_new_tokens: int, *, segment_len: int, cache_kv: bool = True,
+             **options: Any) -> Tensor:
     """:func:`memory_plugins.generation.generate` for a wrapped x-transformers model, decoding the current
-    segment with x-transformers' kv cache (``cache_kv``). The memory is left as it was unless
-    ``write_memory``."""
+    segment with x-transformers' kv cache (``cache_kv``). ``options``: ``temperature``, ``filter_logits``,
+    ``write_memory`` (the memory is left as it was unless it is True)."""
     from memory_plugins.generation import generate as segment_generate
 
-    return segment_generate(model, prompt, max_new_tokens, segment_len=segment_len, temperature=temperature,
-                            filter_logits=filter_logits, cached_step=_cached_step if cache_kv else None,
-                            logits_fn=_logits, write_memory=write_memory)
+    return segment_generate(model, prompt, max_new_tokens, segment_len=segment_len,
+                            cached_step=_cached_step if cache_kv else None, logits_fn=_logits, **options)
 
 
 __all__ = ["DEFAULT_TARGETS", "XTransformersAdapter", "generate"]
