@@ -159,7 +159,7 @@ class ContinuousMemory(nn.Module):
             if bool(valid.all()):  # one layout for the whole batch: shared matrices, no per-sample copies
                 g = self.cache.regression(m, p, dev, dt)  # (M + P, N)
                 fitted = g[m:].T @ x_new  # (b, N, e) the new vectors' share
-                if not bool(has.all()):
+                if torch.compiler.is_compiling() or not bool(has.all()):  # compiled: no data-dependent branch
                     first = self.cache.regression(0, p, dev, dt).T @ x_new  # (b, N, e) a first fit over [0, 1]
                     fitted = torch.where(has[:, None, None], fitted, first)  # (b, N, e)
                 g_past = g[:m]  # (M, N)
