@@ -19,7 +19,7 @@ import hashlib
 import json
 from contextlib import contextmanager
 from dataclasses import asdict
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, ContextManager, Iterator
 
 import torch
 from torch import Tensor, nn
@@ -199,21 +199,21 @@ class MemoryController(nn.Module):
             return torch.zeros((), device=p.device if p is not None else None)
         return torch.stack([a.float() for a in self.aux_losses]).sum()
 
-    @contextmanager
-    def disabled(self) -> Iterator[None]:
-        previous, self.enabled = self.enabled, False
-        try:
-            yield
-        finally:
-            self.enabled = previous
+    def disabled(self) -> ContextManager[None]:
+        return self._switched("enabled", False)
+
+    def frozen(self) -> ContextManager[None]:
+        return self._switched("writing", False)
 
     @contextmanager
-    def frozen(self) -> Iterator[None]:
-        previous, self.writing = self.writing, False
+    def _switched(self, name: str, value: bool) -> Iterator[None]:
+        """Set the switch ``name`` to ``value`` inside the block, and back to what it was after."""
+        previous = getattr(self, name)
+        setattr(self, name, value)
         try:
             yield
         finally:
-            self.writing = previous
+            setattr(self, name, previous)
 
     # -- state management ---------------------------------------------------------------------
     def reset(self, mask: Tensor | None = None) -> None:

@@ -169,14 +169,13 @@ class ContinuousMemory(nn.Module):
                 g_past = torch.zeros(b, m, cfg.n_basis, device=dev, dtype=dt)  # (b, M, N)
                 transition = None if cfg.sticky else torch.zeros(b, cfg.n_basis, cfg.n_basis, device=dev, dtype=dt)
                 for k in sorted(set(count.tolist()) - {0}):
-                    rows = count == k  # (b,)
+                    rows = count == k  # (b,) the samples with k valid vectors, in their last k slots
                     gk = self.cache.regression(m, k, dev, dt)  # (M + k, N)
-                    first = self.cache.regression(0, k, dev, dt)  # (k, N)
-                    g_new[:, p - k:] = torch.where((rows & has)[:, None, None], gk[m:], g_new[:, p - k:])
-                    g_new[:, p - k:] = torch.where((rows & ~has)[:, None, None], first, g_new[:, p - k:])
-                    g_past = torch.where(rows[:, None, None], gk[:m], g_past)  # (b, M, N)
+                    g_new[rows & has, p - k:] = gk[m:]  # (k, N) into each such sample's last k rows
+                    g_new[rows & ~has, p - k:] = self.cache.regression(0, k, dev, dt)  # (k, N) a first fit
+                    g_past[rows] = gk[:m]  # (M, N)
                     if transition is not None:
-                        transition = torch.where(rows[:, None, None], self.cache.transition(m, k, dev, dt), transition)
+                        transition[rows] = self.cache.transition(m, k, dev, dt)  # (N, N)
                 fitted = g_new.transpose(1, 2) @ x_new  # (b, N, e)
             if cfg.sticky:
                 loc = sample_locations(state["hist"], m, cfg.sticky_sampling)  # (b, M) in [0, 1]

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from ..config import check_float, check_int
 from ..interface import MemoryRead
-from ..splice import add_output
+from ..splice import add_output, memory_key_mask
 
 
 @dataclass
@@ -96,11 +96,7 @@ class Attention(nn.Module):
             if attn_mask is not None:
                 allowed[:, m:] &= attn_mask
             allowed = allowed.expand(b, n, m + n)  # (b, n, m + n)
-            keys = torch.ones(b, m + n, dtype=torch.bool, device=x.device)  # (b, m + n)
-            if m:
-                keys[:, :m] = read.kv_mask
-            if mask is not None:
-                keys[:, m:] = mask
+            keys = memory_key_mask(read.kv_mask if m else None, mask, b, m, n, x.device)  # (b, m + n)
             allowed = allowed & keys[:, None, :]  # (b, n, m + n)
             if mask is not None:  # a padded query keeps its own key, so that no row is empty (no NaN)
                 own = torch.zeros(n, m + n, dtype=torch.bool, device=x.device)  # (n, m + n)
