@@ -8,7 +8,9 @@ layer at once, or fails and leaves the memory as it was. Parameters of the base 
 
 from __future__ import annotations
 
+import inspect
 import json
+import types
 from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
@@ -48,6 +50,7 @@ class MemoryModel(nn.Module):
             self.register_load_state_dict_pre_hook(_add_base_prefix),
             self.register_load_state_dict_post_hook(_strip_incompatible),
         ]
+        _show_base_signature(self)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         try:
@@ -55,6 +58,20 @@ class MemoryModel(nn.Module):
         except BaseException:  # KeyboardInterrupt too: the failed segment leaves no trace
             self.memory.abort()
             raise
+
+    def __getstate__(self) -> dict:
+        state = super().__getstate__()
+        state.pop("forward", None)  # rebuilt by __setstate__ (a bound method would pickle as the class's)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        _show_base_signature(self)
+
+    def _replicate_for_data_parallel(self) -> "MemoryModel":
+        replica = super()._replicate_for_data_parallel()  # copies __dict__: forward would call the original
+        _show_base_signature(replica)
+        return replica
 
     def __getattr__(self, name: str) -> Any:
         # Fall back to the base model for everything we do not define (config, generate, ...).
@@ -177,6 +194,28 @@ class MemoryModel(nn.Module):
             h.remove()
         self._remove_hooks = _already_unwrapped
         return self.model
+
+
+def _show_base_signature(wrapped: MemoryModel) -> None:
+    """Make ``inspect.signature(wrapped.forward)`` the base model's forward signature, which is what
+    ``transformers.Trainer`` reads to keep the dataset columns the model accepts.
+
+    A bound method's signature is its function's, shared by every instance; so each wrapped model gets,
+    in its own ``__dict__``, ``forward`` bound to a copy of :meth:`MemoryModel.forward` carrying the
+    base's signature. The copy shares the code object, so it runs the same forward and torch.compile's
+    guard on a patched forward (its ``__code__``) is the same for every wrapped model. A base whose
+    signature cannot be read keeps ``(*args, **kwargs)``.
+    """
+    try:
+        base = inspect.signature(wrapped.model.forward)
+    except (TypeError, ValueError):
+        return
+    template = MemoryModel.forward
+    fn = types.FunctionType(template.__code__, template.__globals__, template.__name__)
+    fn.__qualname__, fn.__module__, fn.__doc__ = template.__qualname__, template.__module__, wrapped.model.forward.__doc__
+    this = inspect.Parameter("self", inspect.Parameter.POSITIONAL_ONLY)  # dropped again by the binding
+    fn.__signature__ = base.replace(parameters=[this, *base.parameters.values()])
+    object.__setattr__(wrapped, "forward", types.MethodType(fn, wrapped))
 
 
 def _already_unwrapped() -> None:
