@@ -18,7 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 from contextlib import contextmanager
-from dataclasses import asdict
+from dataclasses import fields
 from typing import Any, Callable, ContextManager, Iterator
 
 import torch
@@ -65,8 +65,13 @@ LayerMemory = MemoryHook  # name of 0.1
 
 
 def config_fingerprint(config: Any) -> str:
-    """A short hash of a memory config's name and options: states are only valid for the same one."""
-    text = json.dumps({"memory": type(config).name, "options": asdict(config)}, sort_keys=True, default=str)
+    """A short hash of a memory config's name and options: states are only valid for the same one.
+
+    An option added in a later version (``metadata={"fingerprint_if_set": True}``) counts only when it
+    differs from its default, so that states saved before it existed keep their fingerprint."""
+    options = {f.name: getattr(config, f.name) for f in fields(config)
+               if not (f.metadata.get("fingerprint_if_set") and getattr(config, f.name) == f.default)}
+    text = json.dumps({"memory": type(config).name, "options": options}, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -296,6 +301,11 @@ class MemoryController(nn.Module):
         device = p.device if p is not None else next(iter(state.values())).device
         backend = self.backends[index]
         template = backend.init_state(max(b, 1), device, self.state_dtype)
+        # Keys a backend added later (``optional_state_keys``) may be missing from an older state: fresh.
+        missing = set(template) - set(state)
+        if missing and missing <= set(getattr(backend, "optional_state_keys", ())) and b > 0:
+            fresh = backend.init_state(b, device, self.state_dtype)
+            state = {**state, **{k: fresh[k] for k in missing}}
         if set(state) != set(template):
             raise ValueError(f"{where}: keys {sorted(state)} do not match this memory's {sorted(template)}")
         out: MemoryState = {}

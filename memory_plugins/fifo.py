@@ -9,6 +9,11 @@ squeezed out on every push, so a padded sample's FIFO holds exactly what an unpa
 sample would hold, right-aligned, with invalid slots only on the left. A memory that sits just before
 the segment (positions -m … -1) then gives every valid vector the same relative position it would
 have had without padding.
+
+Under ``torch.compile`` (while Dynamo traces) a push treats its FIFO as full from the start, of
+invalid slots on the left: it returns ``capacity`` slots and evicts ``n``, valid or not. The same FIFO
+and the same valid vectors, at shapes fixed from the first segment on, so the memory filling up is no
+recompile. Eager pushes grow the FIFO as before; both forms are valid states for either mode.
 """
 
 from __future__ import annotations
@@ -47,8 +52,24 @@ def push(
         joined_valid = torch.cat([valid, x_valid], dim=1)  # (b, m + n)
     else:
         joined, joined_valid = compact(torch.cat([mem, x], dim=1), torch.cat([valid, x_valid.to(torch.bool)], dim=1))
+    if torch.compiler.is_compiling():  # fixed shapes: as if the FIFO had been full (of invalid slots) already
+        joined, joined_valid = pad_left(joined, joined_valid, capacity + x.shape[1])  # (b, capacity + n, e), …
     cut = max(joined.shape[1] - capacity, 0)
-    return joined[:, cut:], joined_valid[:, cut:], joined[:, :cut], joined_valid[:, :cut]
+    # Contiguous copies: a kept slice of ``joined`` would pin it and change strides (a recompile).
+    return (joined[:, cut:].contiguous(), joined_valid[:, cut:].contiguous(), joined[:, :cut], joined_valid[:, :cut])
+
+
+def pad_left(mem: Tensor, valid: Tensor, length: int) -> tuple[Tensor, Tensor]:
+    """``mem`` (b, m, e), ``valid`` (b, m) with ``length - m`` invalid zero slots prepended: (b, length, e),
+    (b, length). The same FIFO (valid vectors stay right-aligned) at a fixed length.
+
+    Why: under ``torch.compile`` every FIFO is held at its capacity from its first push, so the state's
+    shapes stop changing after the first segments (each new shape would be a recompile)."""
+    b, m = valid.shape
+    if m >= length:
+        return mem, valid
+    zeros = mem.new_zeros(b, length - m, *mem.shape[2:])  # (b, length - m, e)
+    return torch.cat([zeros, mem], dim=1), torch.cat([valid.new_zeros(b, length - m), valid], dim=1)
 
 
 def reset(mem: Tensor, valid: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:

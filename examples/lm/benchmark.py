@@ -5,6 +5,7 @@
     python -m examples.lm.benchmark --preset cpu --memories continuous continuous_sticky --threads 1
     python -m examples.lm.benchmark --preset gpu --device cuda        # about 10 minutes on one H100/H200
     python -m examples.lm.benchmark --preset quick --data ~/pg19/test --tokenizer bpe8192   # any .txt folder
+    torchrun --nproc_per_node 2 -m examples.lm.benchmark --preset quick --threads 1   # 2 processes (DDP)
 
 Notation: B lanes (batch size), n segment length, N basis functions, V vocabulary, D documents,
 L tokens of a document, e model dim, h heads, K position buckets.
@@ -38,6 +39,14 @@ evaluated a second time with their long-term memory switched off (every layer's 
 zero; the STM stays), and their reads are recorded: where the Gaussians attend over [0, 1] (Fig. 4)
 and, with sticky memories, where the update samples the old signal.
 
+Under ``torchrun --nproc_per_node K`` (docs/scale.md): K processes (gloo on the CPU, NCCL on CUDA, one
+GPU each), the model in DDP; rank r streams its share of the training documents (every K-th from r) over
+its own ``batch`` lanes with its own memory, so an optimiser step sees K × ``batch`` lanes. Rank 0 alone
+logs, evaluates (the validation curve and the test, on the whole test set, as one process would; the
+other ranks wait, then empty their memories too, as rank 0's evaluation does to its own) and writes the
+outputs and checkpoints (with every rank's memory state and RNG; a resume needs the same K). One process
+without torchrun runs exactly as before.
+
 Outputs under ``--out`` (default ``runs/lm/<preset>``): ``<memory>/result.json`` (one per run, with
 per-document sums), ``<memory>/nll.pt`` (per-token NLL), ``<memory>/model.pt``, ``results.json``,
 ``table.md``, ``perplexity_by_position.png``, ``ltm_attention.png``, ``sticky_samples.png``.
@@ -61,6 +70,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import memory_plugins as mp
+from memory_plugins import distributed
+from memory_plugins.distributed import Launch
 from memory_plugins.models import DecoderConfig, ReferenceDecoder
 
 from . import metrics
@@ -200,11 +211,15 @@ def build(preset: Preset, memory: str, vocab_size: int) -> nn.Module:
 
 
 def forward_segment(model: nn.Module, seg: Segment) -> Tensor:
-    """One segment through ``model``: reset the lanes that start a new document, then run the inputs
-    with the padding mask. Returns logits (B, n, V)."""
-    if isinstance(model, mp.MemoryModel) and bool(seg.doc_start.any()):
-        model.reset_memory(seg.doc_start)  # exactly the lanes whose new document begins here
+    """One segment through ``model`` (or its DDP wrapper): reset the lanes that start a new document,
+    then run the inputs with the padding mask. Returns logits (B, n, V)."""
+    core = distributed.unwrap(model)
+    if isinstance(core, mp.MemoryModel) and bool(seg.doc_start.any()):
+        core.reset_memory(seg.doc_start)  # exactly the lanes whose new document begins here
     mask = None if bool(seg.valid.all()) else seg.valid  # (B, n) True = real token
+    base = core.model if isinstance(core, mp.MemoryModel) else core
+    if type(base).__module__.startswith("transformers."):  # a Hugging Face causal LM (the fine-tuning runs)
+        return model(input_ids=seg.inputs, attention_mask=None if mask is None else mask.long()).logits  # (B, n, V)
     return model(seg.inputs, mask=mask)  # (B, n, V)
 
 
@@ -413,10 +428,12 @@ def open_corpus(corpus: Path, tokenizer: str, data: Path | None) -> Corpus:
 # -- training ----------------------------------------------------------------------------------------
 
 
-def fingerprint(preset: Preset, memory: str, corpus: Corpus, seed: int) -> str:
-    """What a run's result depends on: preset, memory, corpus documents, tokenizer, seed."""
+def fingerprint(preset: Preset, memory: str, corpus: Corpus, seed: int, world_size: int = 1) -> str:
+    """What a run's result depends on: preset, memory, corpus documents, tokenizer, seed (and the
+    number of processes, when more than one)."""
     docs = [(d.id, d.tokens.numel()) for d in corpus.train + corpus.test]
-    text = json.dumps([asdict(preset), memory, corpus.tokenizer, docs, seed], sort_keys=True, default=str)
+    settings = [asdict(preset), memory, corpus.tokenizer, docs, seed] + ([world_size] if world_size > 1 else [])
+    text = json.dumps(settings, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -446,11 +463,13 @@ def ppl_of(nll: list[Tensor]) -> float:
 
 
 def train_one(preset_name: str, preset: Preset, memory: str, corpus: Corpus, seed: int, out: Path,
-              device: torch.device) -> dict:
-    """Train and test one memory; resumable through ``out/<memory>/``."""
+              device: torch.device, launch: Launch | None = None) -> dict:
+    """Train and test one memory; resumable through ``out/<memory>/``. With ``launch`` of several
+    processes (torchrun), every rank calls it: DDP, each rank its share of the training documents."""
+    launch = launch or Launch(device=device)
     run = out / memory
     result_file = run / "result.json"
-    key = fingerprint(preset, memory, corpus, seed)
+    key = fingerprint(preset, memory, corpus, seed, launch.world_size)
     if result_file.exists():
         result = json.loads(result_file.read_text())
         if result.get("fingerprint") != key:
@@ -459,9 +478,14 @@ def train_one(preset_name: str, preset: Preset, memory: str, corpus: Corpus, see
                 "use another --out or delete that folder"
             )
         return result
-    run.mkdir(parents=True, exist_ok=True)
+    if launch.is_main:
+        run.mkdir(parents=True, exist_ok=True)
+    if len(corpus.train) < launch.world_size:
+        raise ValueError(f"--nproc_per_node: {launch.world_size} processes need at least as many training documents; "
+                         f"the corpus has {len(corpus.train)}")
     torch.manual_seed(seed)
     model = build(preset, memory, corpus.vocab_size).to(device)
+    parallel = distributed.data_parallel(model, launch)  # model itself for one process
     opt = optimizer(model, preset)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule(preset))
     wrapped = isinstance(model, mp.MemoryModel)
@@ -479,9 +503,11 @@ def train_one(preset_name: str, preset: Preset, memory: str, corpus: Corpus, see
         opt.load_state_dict(state["opt"])
         sched.load_state_dict(state["sched"])
         start, curve, train_seconds = state["step"], state["curve"], state["train_seconds"]
-        memory_state = state.get("memory_state")
-        torch.set_rng_state(state["rng"])
-    stream = iter(DocumentStream(corpus.train, preset.batch, preset.seg_len, train=True, seed=seed, bos=corpus.bos))
+        memory_state = state["memory_states"][launch.rank] if launch.distributed else state.get("memory_state")
+        torch.set_rng_state(state["rngs"][launch.rank] if launch.distributed else state["rng"])
+    train_docs = distributed.shard(corpus.train, launch)  # this rank's documents (all of them for one process)
+    stream = iter(DocumentStream(train_docs, preset.batch, preset.seg_len, train=True, seed=seed, bos=corpus.bos))
+    seen: set[str] = set()  # ids of the documents this rank trained on (reported with several processes)
     for _ in range(start):  # the stream is deterministic: skip what was already trained on
         next(stream)
     if wrapped:
@@ -490,13 +516,15 @@ def train_one(preset_name: str, preset: Preset, memory: str, corpus: Corpus, see
             model.set_memory_state(memory_state)
 
     eval_at = {round(preset.steps * (k + 1) / preset.evals) for k in range(preset.evals)}
-    bar = tqdm(total=preset.steps, initial=start, desc=memory, leave=False, dynamic_ncols=True) if tqdm else None
+    bar = tqdm(total=preset.steps, initial=start, desc=memory, leave=False, dynamic_ncols=True) if tqdm and launch.is_main else None
     model.train()
     t0 = time.perf_counter()
     for step in range(start, preset.steps):
         seg = next(stream).to(device)
+        if launch.distributed:
+            seen.update(train_docs[d].id for d in seg.doc_index.tolist() if d >= 0)
         with autocast(device, preset):
-            logits = forward_segment(model, seg)  # (B, n, V)
+            logits = forward_segment(parallel, seg)  # (B, n, V)
         tl = token_nll(logits, seg)  # (B, n)
         loss = tl.sum() / seg.valid.sum().clamp_min(1)
         aux = model.memory_aux_loss() if wrapped else loss.new_zeros(())
@@ -513,18 +541,30 @@ def train_one(preset_name: str, preset: Preset, memory: str, corpus: Corpus, see
         done = step + 1
         if done in eval_at:
             train_seconds += time.perf_counter() - t0
-            v = ppl_of(evaluate(model, valid_docs, preset, device, corpus.bos))
-            curve.append({"step": done, "train_loss": sum(losses) / len(losses), "valid_ppl": v})
+            if launch.is_main:  # the others wait, then empty their memories as evaluate() empties rank 0's
+                v = ppl_of(evaluate(model, valid_docs, preset, device, corpus.bos))
+                curve.append({"step": done, "train_loss": sum(losses) / len(losses), "valid_ppl": v})
+            distributed.barrier(launch)
+            if wrapped and not launch.is_main:
+                model.reset_memory()
             t0 = time.perf_counter()
         if done % preset.checkpoint_every == 0 or done in eval_at:
             elapsed = train_seconds + time.perf_counter() - t0
-            torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(), "step": done,
-                        "curve": curve, "train_seconds": elapsed, "rng": torch.get_rng_state(), "fingerprint": key,
-                        "memory_state": model.memory_state() if wrapped else None}, ckpt)
+            memory_states = distributed.gather(model.memory_state() if wrapped else None, launch)  # every rank's
+            rngs = distributed.gather(torch.get_rng_state(), launch)
+            if launch.is_main:
+                per_rank = {"memory_states": memory_states, "rngs": rngs} if launch.distributed else {}
+                torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(), "step": done,
+                            "curve": curve, "train_seconds": elapsed, "rng": rngs[0], "fingerprint": key,
+                            "memory_state": memory_states[0], **per_rank}, ckpt)
             train_seconds, t0 = elapsed, time.perf_counter()
     train_seconds += time.perf_counter() - t0
     if bar:
         bar.close()
+    seen_by_rank = distributed.gather(sorted(seen), launch)
+    if not launch.is_main:  # rank 0 tests the whole test set and writes the outputs; the others read them
+        distributed.barrier(launch)
+        return json.loads(result_file.read_text())
 
     # -- test ------------------------------------------------------------------------------------
     t_eval = time.perf_counter()
@@ -557,14 +597,18 @@ def train_one(preset_name: str, preset: Preset, memory: str, corpus: Corpus, see
                  "train_documents": len(corpus.train), "train_tokens": sum(d.tokens.numel() for d in corpus.train),
                  "test_documents": len(test_docs), "test_tokens": sum(d.tokens.numel() for d in test_docs),
                  "eval_docs": preset.eval_docs, "eval_max_tokens": preset.eval_max_tokens},
-        "steps": preset.steps, "tokens_per_step": preset.batch * preset.seg_len,
+        "steps": preset.steps, "tokens_per_step": preset.batch * preset.seg_len * launch.world_size,
         "train_seconds": train_seconds, "seconds_per_step": train_seconds / preset.steps,
         "resumed_from_step": start, "eval_seconds": eval_seconds, "curve": curve, "test": test,
         "diagnostics": diagnostics,
     }
+    if launch.distributed:  # K processes: who trained on what (disjoint shares of the training documents)
+        result["distributed"] = {"world_size": launch.world_size, "backend": str(torch.distributed.get_backend()),
+                                 "train_documents_by_rank": seen_by_rank}
     torch.save(model.state_dict(), run / "model.pt")
     result_file.write_text(json.dumps(result, indent=1))
     ckpt.unlink(missing_ok=True)
+    distributed.barrier(launch)
     return result
 
 
@@ -590,7 +634,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    launch = distributed.launch(args.device)  # torchrun: the process group; plain python: one process
+    try:
+        return run_all(args, launch)
+    finally:
+        distributed.close(launch)
+
+
+def run_all(args: argparse.Namespace, launch: Launch) -> int:
+    """Every memory of the preset, then the report; under torchrun every rank runs it, rank 0 alone
+    prints and writes."""
+    say = print if launch.is_main else (lambda *a, **k: None)
     preset = replace(PRESETS[args.preset])
+    corpus = None
     try:
         if args.memories:
             preset = replace(preset, memories=tuple(args.memories))
@@ -604,39 +660,49 @@ def main(argv: list[str] | None = None) -> int:
         if args.report:
             from .report import write_report
 
-            write_report(out, args.preset, preset)
+            if launch.is_main:
+                write_report(out, args.preset, preset)
             return 0
         if args.threads:
             torch.set_num_threads(args.threads)
         corpus_root = args.corpus or (out / "corpus" if args.data else Path("data/lm"))
-        corpus = open_corpus(corpus_root, preset.tokenizer, args.data)
+        if launch.is_main:  # rank 0 prepares the corpus (if --data asks for it) before the others read it
+            corpus = open_corpus(corpus_root, preset.tokenizer, args.data)
     except (CorpusError, ChecksumError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
+        say(f"error: {err}", file=sys.stderr)
+        distributed.agree(False, launch)
         return 2
-    out.mkdir(parents=True, exist_ok=True)
-    device = torch.device(args.device)
+    if not distributed.agree(True, launch):
+        return 2
+    if corpus is None:
+        corpus = open_corpus(corpus_root, preset.tokenizer, args.data)
+    if launch.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+    device = launch.device
     test_docs = longest(corpus.test, preset.eval_docs, preset.eval_max_tokens)
-    print(f"preset {args.preset}: {corpus.tokenizer} (V = {corpus.vocab_size}), {len(corpus.train)} train documents "
-          f"({sum(d.tokens.numel() for d in corpus.train):,} tokens), test on {len(test_docs)} documents "
-          f"({sum(d.tokens.numel() for d in test_docs):,} tokens); n = {preset.seg_len}, B = {preset.batch}, "
-          f"{preset.steps} steps", flush=True)
+    processes = f", {launch.world_size} processes (DDP)" if launch.distributed else ""
+    say(f"preset {args.preset}: {corpus.tokenizer} (V = {corpus.vocab_size}), {len(corpus.train)} train documents "
+        f"({sum(d.tokens.numel() for d in corpus.train):,} tokens), test on {len(test_docs)} documents "
+        f"({sum(d.tokens.numel() for d in test_docs):,} tokens); n = {preset.seg_len}, B = {preset.batch}, "
+        f"{preset.steps} steps{processes}", flush=True)
     for memory in preset.memories:
         try:
-            r = train_one(args.preset, preset, memory, corpus, args.seed, out, device)
+            r = train_one(args.preset, preset, memory, corpus, args.seed, out, device, launch)
         except ValueError as err:
-            print(f"error: {err}", file=sys.stderr)
+            say(f"error: {err}", file=sys.stderr)
             return 2
         s = r["test"]["as_trained"]["summary"]["all"]
         extra = ""
         if "ltm_off" in r["test"]:
             extra = f", LTM off {r['test']['ltm_off']['summary']['all']['ppl']:.2f}"
         step_ms = f"{1000 * r['seconds_per_step']:.0f} ms/step"
-        print(f"{memory:>18}: test ppl {s['ppl']:.2f} [{s['ci95'][0]:.2f}, {s['ci95'][1]:.2f}]{extra}  "
-              f"({r['train_seconds']:.0f} s train, {step_ms}, {r['eval_seconds']:.0f} s test)", flush=True)
-    from .report import write_report
+        say(f"{memory:>18}: test ppl {s['ppl']:.2f} [{s['ci95'][0]:.2f}, {s['ci95'][1]:.2f}]{extra}  "
+            f"({r['train_seconds']:.0f} s train, {step_ms}, {r['eval_seconds']:.0f} s test)", flush=True)
+    if launch.is_main:
+        from .report import write_report
 
-    md = write_report(out, args.preset, preset)
-    print("\n" + md)
+        md = write_report(out, args.preset, preset)
+        print("\n" + md)
     return 0
 
 

@@ -3,6 +3,7 @@
     python -m examples.sorting.benchmark --preset quick            # a few minutes on 2 CPU cores
     python -m examples.sorting.benchmark --preset cpu              # the whole grid, about an hour
     python -m examples.sorting.benchmark --preset paper --device cuda
+    torchrun --nproc_per_node 2 -m examples.sorting.benchmark --preset quick --threads 1   # 2 processes (DDP)
 
 Each (memory, length) run trains the reference decoder (rotary positions) segment by segment and
 reports teacher-forced token accuracy over the 20 target ranks and exact match of the whole ranking,
@@ -11,6 +12,11 @@ authors trained); the last segment — end-aligned so that it is full and holds 
 targets — is trained. Runs are resumable: finished runs are read back from their JSON, unfinished ones
 continue from their last checkpoint. Outputs go to ``--out`` (default ``runs/sorting/<preset>``):
 one JSON per run, ``table.md``, ``results.json``, ``accuracy.png`` and ``curves.png`` (learning curves).
+
+Under ``torchrun --nproc_per_node K`` (docs/scale.md): K processes in DDP (gloo on the CPU, NCCL on
+CUDA), rank r drawing its batches from its shard of the training set (every K-th sequence from r), so a
+step sees K × ``batch`` sequences; rank 0 alone evaluates (validation and test, the whole sets), logs and
+writes outputs and checkpoints. One process without torchrun runs exactly as before.
 """
 
 from __future__ import annotations
@@ -26,6 +32,8 @@ from typing import Any
 import torch
 
 import memory_plugins as mp
+from memory_plugins import distributed
+from memory_plugins.distributed import Launch
 from memory_plugins.models import DecoderConfig, ReferenceDecoder
 
 from .task import NUM_SYMBOLS, VOCAB, SortingBatch, generate, oracle_scores, score
@@ -74,6 +82,10 @@ PRESETS: dict[str, Preset] = {
     # 700 steps of batch 16 per run, lr 3e-3 (measured at T = 256: XL 43.0% at 3e-3 vs 42.4% at 1e-3
     # after 800 steps); two processes of one thread each finish the grid in about an hour.
     "cpu": Preset(lengths=(256, 512, 1024), segment=64, memories=ALL_MEMORIES, n_train=4000, epochs=2.8, lr=3e-3),
+    # One GPU lease (estimated, not yet measured: no GPU was lent when it was written): lengths 4, 8, 16 ×
+    # a segment of 256, width 192, 600 steps of batch 32 per run, five memories.
+    "gpu": Preset(lengths=(1024, 2048, 4096), segment=256, memories=ALL_MEMORIES, dim=192, batch=32, n_train=6400,
+                  epochs=3.0, n_valid=256, n_test=512, lr=1e-3, warmup=60, evals=4),
     "quick": Preset(lengths=(256,), segment=64, memories=("none", "xl", "continuous"), n_train=3200, epochs=2.0,
                     n_valid=100, n_test=200, lr=3e-3, evals=2),
 }
@@ -131,18 +143,23 @@ def evaluate(model: mp.MemoryModel, memory: str, data: SortingBatch, preset: Pre
     return {**asdict(result), "loss": sum(losses) / len(losses)}
 
 
-def train_one(preset_name: str, preset: Preset, memory: str, length: int, seed: int, out: Path, device: torch.device) -> dict:
-    """Train and test one (memory, length); resumable through ``out/<run>/``."""
+def train_one(preset_name: str, preset: Preset, memory: str, length: int, seed: int, out: Path, device: torch.device,
+              launch: Launch | None = None) -> dict:
+    """Train and test one (memory, length); resumable through ``out/<run>/``. With ``launch`` of several
+    processes (torchrun), every rank calls it: DDP, each rank drawing from its shard of the training set."""
+    launch = launch or Launch(device=device)
     run = out / f"{memory}_T{length}"
     result_file = run / "result.json"
     if result_file.exists():
         return json.loads(result_file.read_text())
-    run.mkdir(parents=True, exist_ok=True)
+    if launch.is_main:
+        run.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
     train_set = generate(preset.n_train, length, seed=10_000 + length)
     valid_set = generate(preset.n_valid, length, seed=20_000 + length)
     test_set = generate(preset.n_test, length, seed=30_000 + length)
     model = build(preset, memory, length).to(device)
+    trainer = distributed.memory_view(model, distributed.data_parallel(model, launch))  # model itself for one process
     lr = preset.lr_by_length.get(length, preset.lr)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     steps = preset.steps
@@ -159,27 +176,37 @@ def train_one(preset_name: str, preset: Preset, memory: str, length: int, seed: 
         start, curve, elapsed = state["step"], state["curve"], state["elapsed"]
         torch.set_rng_state(state["rng"])
     eval_at = {round(steps * (k + 1) / preset.evals) for k in range(preset.evals)}
-    bar = tqdm(total=steps, initial=start, desc=f"{memory} T={length}", leave=False) if tqdm else None
+    bar = tqdm(total=steps, initial=start, desc=f"{memory} T={length}", leave=False) if tqdm and launch.is_main else None
+    mine = torch.tensor(distributed.shard(range(preset.n_train), launch))  # this rank's training sequences
+    seen: set[int] = set()  # what this rank trained on (reported with several processes)
     t0 = time.perf_counter() - elapsed
     for step in range(start, steps):
         g = torch.Generator().manual_seed(seed * 1_000_003 + step)
-        idx = torch.randint(0, preset.n_train, (preset.batch,), generator=g)
+        idx = mine[torch.randint(0, len(mine), (preset.batch,), generator=g)]  # (B,) one process: all of them
+        if launch.distributed:
+            seen.update(idx.tolist())
         batch = SortingBatch(train_set.tokens[idx], train_set.counts[idx]).to(device)
         opt.zero_grad(set_to_none=True)
-        out_train = run_segments(model, memory, batch, preset.segment, train=True, lm_loss=preset.lm_loss)
+        out_train = run_segments(trainer, memory, batch, preset.segment, train=True, lm_loss=preset.lm_loss)
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()
         if bar:
             bar.update(1)
             bar.set_postfix(loss=f"{out_train.loss.item():.3f}")
-        if step + 1 in eval_at:
+        if step + 1 in eval_at and launch.is_main:  # the other ranks wait at the barrier below
             v = evaluate(model, memory, valid_set, preset, device)
             curve.append({"step": step + 1, "train_loss": out_train.loss.item(), **{f"valid_{k}": x for k, x in v.items()}})
             torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(), "step": step + 1,
                         "curve": curve, "elapsed": time.perf_counter() - t0, "rng": torch.get_rng_state()}, ckpt)
+        if step + 1 in eval_at:
+            distributed.barrier(launch)
     if bar:
         bar.close()
+    seen_by_rank = distributed.gather(sorted(seen), launch)
+    if not launch.is_main:  # rank 0 tests and writes; the others read its result
+        distributed.barrier(launch)
+        return json.loads(result_file.read_text())
     test = evaluate(model, memory, test_set, preset, device)
     kind, options = memory_options(memory, preset, length)
     result = {
@@ -187,9 +214,13 @@ def train_one(preset_name: str, preset: Preset, memory: str, length: int, seed: 
         "memory_kind": kind, "memory_options": options, "test": test, "curve": curve,
         "train_seconds": time.perf_counter() - t0, "data_seeds": [10_000 + length, 20_000 + length, 30_000 + length],
     }
+    if launch.distributed:  # K processes: who trained on what (disjoint shards of the training set)
+        result["distributed"] = {"world_size": launch.world_size, "backend": str(torch.distributed.get_backend()),
+                                 "train_indices_by_rank": seen_by_rank}
     result_file.write_text(json.dumps(result, indent=1))
     torch.save(model.state_dict(), run / "model.pt")  # final weights, for examples/sorting/diagnose.py
     ckpt.unlink(missing_ok=True)
+    distributed.barrier(launch)
     return result
 
 
@@ -275,8 +306,19 @@ def main() -> None:
     if args.lm_loss:
         preset.lm_loss = True
     out = args.out or Path("runs/sorting") / args.preset
-    out.mkdir(parents=True, exist_ok=True)
-    device = torch.device(args.device)
+    launch = distributed.launch(args.device)  # torchrun: the process group; plain python: one process
+    try:
+        run_all(args, preset, out, launch)
+    finally:
+        distributed.close(launch)
+
+
+def run_all(args: argparse.Namespace, preset: Preset, out: Path, launch: Launch) -> None:
+    """Every (length, memory) run, then table, JSON and plots; under torchrun every rank runs it, rank 0
+    alone prints and writes."""
+    if launch.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+    device = launch.device
     if args.threads:
         torch.set_num_threads(args.threads)
     # What each model sees of the sequence when it predicts the ranking: the last (end-aligned)
@@ -284,14 +326,17 @@ def main() -> None:
     # n for the ∞-former's STM (the issue's "segment + short-term memory" window), 2n for XL.
     n, s = preset.segment, NUM_SYMBOLS
     windows = (2 * n - s, 3 * n - s)
-    oracles = {t: {k: asdict(v) for k, v in oracle_scores(generate(preset.n_test, t, seed=30_000 + t), windows).items()} for t in preset.lengths}
     results = []
     for t in preset.lengths:
         for memory in preset.memories:
-            r = train_one(args.preset, preset, memory, t, args.seed, out, device)
+            r = train_one(args.preset, preset, memory, t, args.seed, out, device, launch)
             results.append(r)
-            print(f"{memory:>18} T={t:<6} acc {100 * r['test']['accuracy']:.1f} ± {100 * r['test']['accuracy_ci95']:.1f}  "
-                  f"EM {100 * r['test']['exact_match']:.1f}  ({r['train_seconds']:.0f} s)", flush=True)
+            if launch.is_main:
+                print(f"{memory:>18} T={t:<6} acc {100 * r['test']['accuracy']:.1f} ± {100 * r['test']['accuracy_ci95']:.1f}  "
+                      f"EM {100 * r['test']['exact_match']:.1f}  ({r['train_seconds']:.0f} s)", flush=True)
+    if not launch.is_main:
+        return
+    oracles = {t: {k: asdict(v) for k, v in oracle_scores(generate(preset.n_test, t, seed=30_000 + t), windows).items()} for t in preset.lengths}
     md = table(preset, results, oracles)
     print(f"\nSorting, preset {args.preset!r}: token accuracy % (± 95% interval), exact match % in brackets\n")
     print(md)

@@ -26,40 +26,48 @@ compressed is the read's aux loss (training mode).
 
 from __future__ import annotations
 
-from typing import Any, Callable, ClassVar
+from typing import Callable, ClassVar
 
 import torch
 from torch import Tensor, nn
 
 from .. import fifo
+from ..distributed import refuse_sharded_step
 from ..interface import HostAttention, MemoryRead, MemoryState
 from ..registry import register_memory
 from .config import CompressiveConfig
 
 
-class _ProjectWithoutParamGrad(torch.autograd.Function):
-    """``project(x)`` whose backward reaches ``x`` only: the host's parameters never get a ``.grad``.
+class _DetachedProjection(nn.Module):
+    """Runs ``project`` with the parameters of its owners detached (plain autograd, no custom Function).
 
     The attention-reconstruction loss must train the compressor through the host's K/V projections
-    without training those projections (Rae et al. §3.2 stop the gradient into the model). Detaching the
-    host's weights is impossible from outside the host, so the forward runs the projection on a detached
-    leaf copy of ``x`` with its own little graph, and the backward differentiates that graph with respect
-    to the leaf alone (``torch.autograd.grad`` never accumulates into parameters' ``.grad``).
+    without training those projections (Rae et al. §3.2 stop the gradient into the model). The owners
+    are the modules the bound method ``project`` reads its weights from (the method's object when it is
+    a module, else the modules it holds: the adapters' projection helpers); ``functional_call`` swaps
+    their parameters for detached aliases for the call, so the gradient reaches ``x`` and no parameter
+    sees the graph at all (no ``.grad``, no DDP hook fired twice, nothing for ``torch.compile`` to trip
+    on). A projection with no owner module runs as is.
     """
 
-    @staticmethod
-    def forward(ctx: Any, project: Callable[[Tensor], tuple[Tensor, Tensor]], x: Tensor) -> tuple[Tensor, Tensor]:
-        leaf = x.detach().requires_grad_(True)  # (b, g, e)
-        with torch.enable_grad():
-            k, v = project(leaf)  # (b, h, g, d) each
-        ctx.leaf, ctx.outputs = leaf, (k, v)
-        return k.detach(), v.detach()
+    def __init__(self, project: Callable[[Tensor], tuple[Tensor, Tensor]]) -> None:
+        super().__init__()
+        owner = getattr(project, "__self__", None)
+        if isinstance(owner, nn.Module):
+            owners = [owner]
+        else:
+            owners = [v for v in vars(owner).values() if isinstance(v, nn.Module)] if owner is not None else []
+        self.owners = nn.ModuleList(owners)
+        object.__setattr__(self, "project", project)  # not a submodule attribute: a bound method
 
-    @staticmethod
-    def backward(ctx: Any, grad_k: Tensor, grad_v: Tensor) -> tuple[None, Tensor | None]:
-        (grad_x,) = torch.autograd.grad(ctx.outputs, ctx.leaf, (grad_k, grad_v), allow_unused=True)
-        ctx.leaf = ctx.outputs = None  # free the local graph
-        return None, grad_x  # (b, g, e)
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        return self.project(x)  # (b, h, g, d) each
+
+
+def _project_without_param_grad(call: _DetachedProjection, x: Tensor) -> tuple[Tensor, Tensor]:
+    """``call.project(x)`` (b, g, e) → two (b, h, g, d) whose gradient reaches ``x`` and no parameter."""
+    detached = {name: p.detach() for name, p in call.named_parameters(remove_duplicate=False)}
+    return torch.func.functional_call(call, detached, (x,), tie_weights=False)
 
 
 def _attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
@@ -83,6 +91,10 @@ class CompressiveMemory(nn.Module):
         self.config = config
         self.dims = host.dims if isinstance(host, HostAttention) else host
         object.__setattr__(self, "host", host)  # not a submodule: the host layer belongs to the model
+        # Built once, not per call: a module made inside forward breaks torch.compile's graph. Not a
+        # submodule either (its owners are the host's modules, whose parameters are not ours).
+        detached = _DetachedProjection(host.project_kv) if isinstance(host, HostAttention) else None
+        object.__setattr__(self, "_detached_projection", detached)
         c, e = config.compression_rate, self.dims.embed_dim
         # Conv1d over time: group j of c vectors (oldest first) → one vector; tap i weighs its i-th oldest.
         self.conv = nn.Conv1d(e, e, kernel_size=c, stride=c) if config.compression == "conv" else None
@@ -143,7 +155,9 @@ class CompressiveMemory(nn.Module):
             target = _attend(q, k, v, old_valid)  # (b, h, n, d)
         comp = comp.to(dtype)
         if torch.is_grad_enabled() and comp.requires_grad:
-            kc, vc = _ProjectWithoutParamGrad.apply(host.project_kv, comp)  # (b, h, g, d) each
+            call = self._detached_projection if host is self.host and self._detached_projection is not None \
+                else _DetachedProjection(host.project_kv)
+            kc, vc = _project_without_param_grad(call, comp)  # (b, h, g, d) each
         else:
             with torch.no_grad():
                 kc, vc = host.project_kv(comp)  # (b, h, g, d) each
@@ -178,6 +192,8 @@ class CompressiveMemory(nn.Module):
     def step(self, state: MemoryState, x: Tensor, q: Tensor | None,
              valid: Tensor | None) -> tuple[MemoryRead, MemoryState]:
         cfg, c = self.config, self.config.compression_rate
+        if self.conv is not None:
+            refuse_sharded_step(self)  # FSDP2 on this backend alone: a clear error, not a DTensor mix-up
         read = MemoryRead()
         if state["mem"].shape[1] + state["cmem"].shape[1]:
             read.kv_source = torch.cat([state["cmem"], state["mem"]], dim=1)  # (b, k + m, e), oldest first
@@ -208,17 +224,27 @@ class CompressiveMemory(nn.Module):
             "pending": rest, "pending_valid": rest_valid,
         }  # fmt: skip
         if g == 0:
+            if self._reconstructs():  # nothing to compress: the compressor still takes part, with zero gradient
+                read.aux_loss = sum(p.sum() for p in self.conv.parameters()) * 0.0  # (), so DDP sees every parameter
             return read, new_state
         old = queue[:, : g * c]  # (b, g·c, e)
         old_valid = slot[None, : g * c] < whole[:, None]  # (b, g·c) whole groups only
         comp, comp_valid = self.compress(old, old_valid)  # (b, g, e), (b, g)
-        if self.conv is not None and cfg.recon_weight > 0 and self.training and isinstance(self.host, HostAttention):
+        if self._reconstructs():
             read.aux_loss = cfg.recon_weight * self.reconstruction_loss(x, old, old_valid, comp, comp_valid, self.host, valid)
         # The task loss must not train the compressor through the memory: store the compression detached.
         new_state["cmem"], new_state["cmem_valid"], _, _ = fifo.push(
             state["cmem"], state["cmem_valid"], comp.detach().to(dtype), cfg.cmem_len, comp_valid
         )  # (b, k', e), (b, k'); what falls out of the compressed memory is dropped
         return read, new_state
+
+    def _reconstructs(self) -> bool:
+        """Whether steps hand back the reconstruction loss (training a conv compressor with a host to
+        project with). Such a step always hands back one, zero when nothing was compressed, so that the
+        compressor's parameters take part in every backward of ``task + memory_aux_loss()`` (what DDP's
+        default ``find_unused_parameters=False`` requires) without changing any value or gradient."""
+        cfg = self.config
+        return self.conv is not None and cfg.recon_weight > 0 and self.training and isinstance(self.host, HostAttention)
 
     def reset(self, state: MemoryState, mask: Tensor) -> MemoryState:
         new: MemoryState = {}

@@ -56,12 +56,13 @@ from torch import Tensor, nn
 from typing import ClassVar
 
 from .. import fifo
+from ..distributed import refuse_sharded_step
 from ..interface import HostAttention, MemoryRead, MemoryState
 from ..registry import register_memory
 from .basis import BasisCache, basis_values, get_cache
 from .config import ContinuousConfig
 from .read import gaussian_read
-from .sticky import attention_histogram, sample_locations, uniform_histogram
+from .sticky import advance_rng, attention_histogram, initial_rng, sample_locations, uniform_histogram
 
 
 @register_memory("continuous", ContinuousConfig)
@@ -91,6 +92,7 @@ class ContinuousMemory(nn.Module):
             nn.init.zeros_(self.to_out.weight)
         cache = get_cache(shared, n_basis, config.basis_widths, config.ridge_lambda, config.tau, config.pad_fit)
         cache.check_stable(config.samples_per_update)  # a clear error now rather than an overflow later
+        self.rng_stream = cache.next_stream()  # this layer's index among the cache's users: its sticky RNG stream
         object.__setattr__(self, "cache", cache)  # shared by all layers; registered once, in ``shared``
 
     cache: BasisCache
@@ -108,6 +110,8 @@ class ContinuousMemory(nn.Module):
         }
         if cfg.sticky:
             state["hist"] = uniform_histogram(b, cfg.sticky_bins, device)  # (b, D)
+        if self.random_sticky:
+            state["rng"] = initial_rng(cfg.sticky_seed, self.rng_stream, b, device)  # (b, 2) seed, counter
         if cfg.stm_len:
             state["stm"] = torch.zeros(b, 0, e, device=device, dtype=dtype)  # (b, 0, e)
             state["stm_valid"] = torch.zeros(b, 0, dtype=torch.bool, device=device)  # (b, 0)
@@ -124,15 +128,19 @@ class ContinuousMemory(nn.Module):
         if "hist" in state:
             uniform = torch.full_like(state["hist"], 1.0 / state["hist"].shape[1])  # (b, D)
             new["hist"] = torch.where(mask[:, None], uniform, state["hist"])  # (b, D)
+        if "rng" in state:  # a reset sample draws its stream again from the start, as a fresh one
+            fresh = initial_rng(self.config.sticky_seed, self.rng_stream, mask.shape[0], mask.device)  # (b, 2)
+            new["rng"] = torch.where(mask[:, None], fresh, state["rng"])  # (b, 2)
         if "stm" in state:
             new["stm"], new["stm_valid"] = fifo.reset(state["stm"], state["stm_valid"], mask)  # (b, S, e), (b, S)
         return new
 
     # -- the unbounded update (Eqs. 13–15, 18) ---------------------------------------------------------
     def gate_vectors(self, x: Tensor) -> Tensor:
-        """X̃ = sigmoid(Conv1d(X)) ⊙ X over the pending vectors ``x`` (b, P, e) (Eq. 18)."""
+        """X̃ = sigmoid(Conv1d(X)) ⊙ X over the pending vectors ``x`` (b, P, e) (Eq. 18); P may be 0."""
         w = self.gate.weight  # (e, e, 3) Conv1d(e → e, kernel 3, padding 1), applied along P as one matmul
-        windows = F.pad(x.to(w.dtype), (0, 0, 1, 1)).unfold(1, 3, 1)  # (b, P, e, 3) x_{t-1}, x_t, x_{t+1}
+        padded = F.pad(x.to(w.dtype), (0, 0, 1, 1))  # (b, P + 2, e)
+        windows = padded.unfold(1, 3, 1) if x.shape[1] else padded[:, :0, :, None].expand(-1, -1, -1, 3)  # (b, P, e, 3) x_{t-1}, x_t, x_{t+1}
         g = F.linear(windows.flatten(2), w.flatten(1), self.gate.bias)  # (b, P, e), no transposed copies
         return torch.sigmoid(g) * x  # (b, P, e)
 
@@ -145,18 +153,29 @@ class ContinuousMemory(nn.Module):
         k_i slots, and the invalid slots before them are zero (what the gate's convolution sees at
         the border of an unpadded stream too).
         """
+        refuse_sharded_step(self)  # FSDP2 on this backend alone: a clear error, not a DTensor mix-up
         coef, has = state["coef"], state["has_ltm"]  # (b, N, e), (b,)
         pending, valid = state["pending"], state["pending_valid"]  # (b, P, e), (b, P)
         b, p, _ = pending.shape
-        if p == 0:
-            return coef, has
+        if p == 0:  # nothing to take in; the gate still runs, on no vectors, so that its parameters take
+            # part in the backward with zero gradient (DDP's default find_unused_parameters=False needs it)
+            nothing = self.gate_vectors(pending).sum(dim=1, keepdim=True)  # (b, 1, e) exact zeros
+            return coef + nothing.to(coef.dtype), has
         cfg, m = self.config, self.config.samples_per_update
         x_new = self.gate_vectors(pending)  # (b, P, e)
         count = valid.sum(dim=1)  # (b,)
         with torch.autocast(device_type=coef.device.type, enabled=False):
             x_new = x_new.to(coef.dtype)  # (b, P, e)
             dev, dt = coef.device, coef.dtype
-            if bool(valid.all()):  # one layout for the whole batch: shared matrices, no per-sample copies
+            # Compiled: each sample's layout gathered by its count (no host sync, no graph break).
+            table = self.cache.fit_table(m, p, dev, dt, not cfg.sticky) if torch.compiler.is_compiling() else None
+            if table is not None:
+                new_t, past_t, first_t, trans_t = table  # (P+1, P, N), (P+1, M, N), (P+1, P, N), (P+1, N, N)
+                g_new = torch.where(has[:, None, None], new_t[count], first_t[count])  # (b, P, N)
+                g_past = past_t[count]  # (b, M, N)
+                transition = None if trans_t is None else trans_t[count]  # (b, N, N)
+                fitted = g_new.transpose(1, 2) @ x_new  # (b, N, e)
+            elif bool(valid.all()):  # one layout for the whole batch: shared matrices, no per-sample copies
                 g = self.cache.regression(m, p, dev, dt)  # (M + P, N)
                 fitted = g[m:].T @ x_new  # (b, N, e) the new vectors' share
                 if torch.compiler.is_compiling() or not bool(has.all()):  # compiled: no data-dependent branch
@@ -178,7 +197,7 @@ class ContinuousMemory(nn.Module):
                         transition[rows] = self.cache.transition(m, k, dev, dt)  # (N, N)
                 fitted = g_new.transpose(1, 2) @ x_new  # (b, N, e)
             if cfg.sticky:
-                loc = sample_locations(state["hist"], m, cfg.sticky_sampling)  # (b, M) in [0, 1]
+                loc = sample_locations(state["hist"], m, cfg.sticky_sampling, rng=state.get("rng"))  # (b, M) in [0, 1]
                 centres, widths = self.cache.basis(dev)  # (N,), (N,)
                 psi = basis_values(loc.to(dt), centres, widths)  # (b, M, N) ψ(t_m)
                 x_past = psi @ coef  # (b, M, e) Eq. 14
@@ -243,6 +262,8 @@ class ContinuousMemory(nn.Module):
         if cfg.sticky:
             with torch.no_grad():
                 new["hist"] = attention_histogram(mu, sigma2, cfg.sticky_bins, valid)  # (b, D)
+        if "rng" in state:  # the samples that drew (took in vectors) move their counter on
+            new["rng"] = advance_rng(state["rng"], state["pending_valid"].any(dim=1))  # (b, 2)
         return read, new
 
     def kl_loss(self, mu: Tensor, sigma2: Tensor, has: Tensor, valid: Tensor | None = None) -> Tensor | None:
@@ -270,8 +291,17 @@ class ContinuousMemory(nn.Module):
         weight = has.to(per_sample.dtype)  # (b,)
         return cfg.kl_weight * (per_sample * weight).sum() / weight.sum().clamp_min(1.0)
 
+    @property
+    def random_sticky(self) -> bool:
+        """Whether the state holds the sticky sampler's generator (``sticky_sampling="random"``)."""
+        return self.config.sticky and self.config.sticky_sampling == "random"
+
+    optional_state_keys: ClassVar[tuple[str, ...]] = ("rng",)  # absent from states saved before 0.3: fresh
+
     def check_state(self, state: MemoryState) -> str | None:
         """Why a restored state cannot be this memory's (None if it can)."""
+        if "rng" in state and bool(((state["rng"] < 0) | (state["rng"] > 0xFFFFFFFF)).any()):
+            return "rng (sticky sampler seed, counter) must hold values in [0, 2**32 - 1]"
         pairs = [("pending", "pending_valid", None)] + ([("stm", "stm_valid", self.config.stm_len)] if self.config.stm_len else [])
         for vec, val, cap in pairs:
             if state[vec].shape[1] != state[val].shape[1] or (cap is not None and state[vec].shape[1] > cap):

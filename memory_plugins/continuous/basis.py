@@ -24,6 +24,7 @@ from torch import Tensor, nn
 _LOG_SQRT_2PI = 0.5 * math.log(2.0 * math.pi)
 PAD_EXTENT = 0.5  # with ``pad``: zero targets on [-0.5, 0) and (1, 1.5] at the fit's mean density ...
 PAD_WEIGHT = 0.25  # ... each weighing this much against a real vector (measured: docs/continuous.md)
+FIT_TABLE_BYTES = 64 * 2**20  # largest per-count table a compiled update gathers from (BasisCache.fit_table)
 
 
 def rbf_basis(n_basis: int, widths: tuple[float, ...], dtype: torch.dtype = torch.float64) -> tuple[Tensor, Tensor]:
@@ -153,6 +154,12 @@ class BasisCache(nn.Module):
         self.register_buffer("centres", c64.float(), persistent=False)  # (N,)
         self.register_buffer("scales", w64.float(), persistent=False)  # (N,) the widths w_j
         self._checked: set[int] = set()  # values of M whose update was found stable
+        self._streams = 0  # layers that asked for a stream index (next_stream)
+
+    def next_stream(self) -> int:
+        """0, 1, 2, … for the layers sharing this cache, in construction order (distinct sticky RNG streams)."""
+        self._streams += 1
+        return self._streams - 1
 
     @staticmethod
     def key(n_basis: int, widths: tuple[float, ...], ridge: float, tau: float, pad: bool) -> str:
@@ -172,9 +179,16 @@ class BasisCache(nn.Module):
         device = _canonical(device)
         buf = self._buffers.get(name)
         if buf is None or buf.device != device:
-            with torch.no_grad():
-                buf = build().to(device=device, dtype=dtype)
-            self.register_buffer(name, buf, persistent=False)
+            buf = self._store(name, build, device, dtype)
+        return buf
+
+    @torch.compiler.disable
+    def _store(self, name: str, build: Callable[[], Tensor], device: torch.device, dtype: torch.dtype) -> Tensor:
+        """Build and register a buffer, never inside a compiled graph (a float64 Cholesky solve per call
+        there; Dynamo breaks the graph here once, and the recompile after it finds the buffer)."""
+        with torch.no_grad():
+            buf = build().to(device=device, dtype=dtype)
+        self.register_buffer(name, buf, persistent=False)
         return buf
 
     def basis(self, device: torch.device) -> tuple[Tensor, Tensor]:
@@ -214,6 +228,48 @@ class BasisCache(nn.Module):
 
         return self._buffer(name, build, device, dtype)
 
+    @torch.compiler.assume_constant_result  # compiled: run (and built) while tracing, a constant in the graph
+    def fit_table(self, num_past: int, num_new: int, device: torch.device, dtype: torch.dtype,
+                  transition: bool) -> tuple[Tensor, Tensor, Tensor, Tensor | None] | None:
+        """Every layout's matrices at once, to be gathered by each sample's count k of valid new vectors
+        (k = 0 … P), for an update without a data-dependent branch (``torch.compile``).
+
+        Returns ``(new (P+1, P, N), past (P+1, M, N), first (P+1, P, N), transition (P+1, N, N) or None)``:
+        ``new[k]`` holds the new-vector rows of G for M past samples and k new vectors in its last k rows
+        (zeros above: the invalid, left slots of a right-aligned sample), ``past[k]`` its past rows,
+        ``first[k]`` the rows of a first fit of k vectors over [0, 1], ``transition[k]`` T for k (see
+        :meth:`transition`); row k = 0 is zero. The same float32 values as :meth:`regression` gives per
+        layout, so a gathered fit equals the per-layout one. None when the tables would exceed
+        :data:`FIT_TABLE_BYTES` (callers then fit per layout, with a host sync).
+        """
+        num_past, num_new, n = int(num_past), int(num_new), self.n_basis
+        size = (num_new + 1) * ((num_past + 2 * num_new) * n + (n * n if transition else 0))
+        if size * dtype.itemsize > FIT_TABLE_BYTES:
+            return None
+        name = f"table_{num_past}_{num_new}_{str(dtype).split('.')[-1]}"
+
+        def build_fits() -> Tensor:
+            c, w = rbf_basis(self.n_basis, self.widths)  # (N,), (N,) float64
+            out = torch.zeros(num_new + 1, num_past + 2 * num_new, n, dtype=torch.float64)  # (P+1, M+2P, N)
+            for k in range(1, num_new + 1):
+                g = regression_matrix(fit_positions(num_past, k, self.tau), c, w, self.ridge, self.pad)  # (M+k, N)
+                out[k, :num_past] = g[:num_past]  # (M, N) past rows
+                out[k, num_past + num_new - k: num_past + num_new] = g[num_past:]  # (k, N) right-aligned
+                out[k, num_past + 2 * num_new - k:] = regression_matrix(fit_positions(0, k, self.tau), c, w,
+                                                                        self.ridge, self.pad)  # (k, N) first fit
+            return out
+
+        def build_transitions() -> Tensor:
+            c, w = rbf_basis(self.n_basis, self.widths)  # (N,), (N,) float64
+            psi = basis_values(cell_centres(num_past, 0.0, 1.0), c, w)  # (M, N)
+            fits = build_fits()  # (P+1, M+2P, N)
+            return fits[:, :num_past].transpose(1, 2) @ psi  # (P+1, N, N)
+
+        fits = self._buffer(name, build_fits, device, dtype)  # (P+1, M+2P, N)
+        trans = self._buffer("T" + name, build_transitions, device, dtype) if transition else None  # (P+1, N, N)
+        m, p = num_past, num_new
+        return fits[:, m:m + p], fits[:, :m], fits[:, m + p:], trans
+
     def check_stable(self, num_past: int) -> None:
         """Refuse settings whose unbounded update amplifies old content (it would overflow).
 
@@ -250,7 +306,7 @@ class BasisCache(nn.Module):
         self._checked.add(num_past)
 
     def extra_repr(self) -> str:
-        cached = sorted(k for k in self._buffers if k[:2] in ("G_", "T_"))
+        cached = sorted(k for k in self._buffers if k[:2] in ("G_", "T_") or "table_" in k)
         return (f"N={self.n_basis}, widths={self.widths}, ridge={self.ridge}, tau={self.tau}, pad={self.pad}, "
                 f"cached={cached}")
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 from ..config import MemoryConfig, check_bool, check_choice, check_float, check_int
@@ -42,7 +42,11 @@ class ContinuousConfig(MemoryConfig):
       from the attention histogram of the previous read instead of spacing them evenly (off by
       default, as the paper's main model; the sticky variant scored slightly better on WikiText).
       ``"quantile"`` inverts the histogram's CDF at M evenly spaced quantiles (deterministic),
-      ``"random"`` at M sorted uniform draws.
+      ``"random"`` at M sorted uniform draws. Those come from a per-sample counter-based generator
+      held in the memory state (``rng``: seed and counter per sample), so saving and restoring a
+      stream is bit-exact and two runs from one state draw the same; ``sticky_seed`` (an int in
+      [0, 2³²)) seeds it: sample i of layer l starts from hash(sticky_seed, l, i), and a reset sample
+      starts its stream again.
     * ``stm_len``: 0 (default) = LTM only, every segment enters the LTM after its own read (the
       paper's GPT-2 setup; with ``zero_init_output`` a wrapped model then starts as the identity).
       > 0 = the full ∞-former: a Transformer-XL short-term memory of ``stm_len`` vectors, whose
@@ -74,6 +78,7 @@ class ContinuousConfig(MemoryConfig):
     sticky: bool = False
     sticky_bins: int = 128
     sticky_sampling: str = "quantile"
+    sticky_seed: int = field(default=0, metadata={"fingerprint_if_set": True})  # new in 0.3: old states load
     stm_len: int = 0
     kl_weight: float = 1e-5
     kl_reduction: str = "paper"
@@ -109,6 +114,7 @@ class ContinuousConfig(MemoryConfig):
         check_bool(self, "sticky")
         check_int(self, "sticky_bins", 1)
         check_choice(self, "sticky_sampling", self.SAMPLINGS)
+        check_int(self, "sticky_seed", 0, 2**32 - 1)
         check_int(self, "stm_len", 0)
         check_float(self, "kl_weight", 0.0)
         check_choice(self, "kl_reduction", self.KL_REDUCTIONS)

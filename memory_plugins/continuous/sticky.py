@@ -8,6 +8,12 @@ samples the old signal at M locations distributed like that histogram, so region
 attended get more of the new signal's room. Sampling inverts the histogram's CDF, interpolating
 linearly inside a bin (the density is taken as uniform within a bin), so locations can fall anywhere
 in [0, 1], not only on bin edges.
+
+``"random"`` sampling draws its uniforms from a counter-based generator whose state is part of the
+memory state: per sample, ``rng`` (b, 2) int64 = (seed, counter), both in [0, 2³²). Draw j of an update
+is a hash of (seed, counter, j), so a draw needs no global RNG, no host sync and no device-specific
+generator: the same state gives the same locations on any device, compiled or not, and a saved and
+restored state continues bit-exactly.
 """
 
 from __future__ import annotations
@@ -42,14 +48,62 @@ def uniform_histogram(batch_size: int, num_bins: int, device: torch.device) -> T
     return torch.full((batch_size, num_bins), 1.0 / num_bins, device=device, dtype=torch.float32)  # (b, D)
 
 
+_MASK32 = 0xFFFFFFFF
+_GOLDEN = 0x9E3779B9  # 2³² / φ: spreads consecutive indices over the 32-bit range
+
+
+def _mul32(x: Tensor, c: int) -> Tensor:
+    """``x · c mod 2³²`` for int64 ``x`` in [0, 2³²) without int64 overflow (16-bit halves)."""
+    hi = (((x >> 16) * c) & 0xFFFF) << 16  # high half's product, its low 16 bits moved up
+    return (hi + (x & 0xFFFF) * c) & _MASK32
+
+
+def mix32(x: Tensor) -> Tensor:
+    """A bijective 32-bit integer hash (xorshift-multiply, lowbias32 constants) of int64 ``x`` in [0, 2³²)."""
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _mul32(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def initial_rng(seed: int, stream: int, batch_size: int, device: torch.device) -> Tensor:
+    """The generator state of fresh samples: (b, 2) int64, seed of sample i = hash(seed, stream, i),
+    counter 0. Distinct per sample and per ``stream`` (the layer), the same on every device."""
+    i = torch.arange(batch_size, dtype=torch.int64, device=device)  # (b,)
+    layer = mix32(torch.full_like(i, (stream * _GOLDEN + 1) & _MASK32))  # (b,)
+    key = mix32(torch.full_like(i, seed & _MASK32) ^ layer)  # (b,) the seed and the stream
+    seeds = mix32(key ^ _mul32(i + 1, _GOLDEN))  # (b,) distinct per sample: mix32 is a bijection
+    return torch.stack([seeds, torch.zeros_like(seeds)], dim=1)  # (b, 2)
+
+
+def counter_uniforms(rng: Tensor, num: int) -> Tensor:
+    """``num`` uniforms in (0, 1) per sample from its (seed, counter) ``rng`` (b, 2): (b, num) float32.
+
+    u_j = (hash(hash(seed ^ hash(counter)) + j·φ) with 24 bits kept + ½) / 2²⁴: never exactly 0 or 1."""
+    seed, counter = rng[:, 0], rng[:, 1]  # (b,), (b,)
+    base = mix32(seed ^ mix32(counter & _MASK32))  # (b,)
+    j = torch.arange(num, dtype=torch.int64, device=rng.device)  # (M,)
+    h = mix32(mix32((base[:, None] + _mul32(j, _GOLDEN)[None]) & _MASK32))  # (b, M)
+    return ((h >> 8).to(torch.float32) + 0.5) * 2.0**-24  # (b, M)
+
+
+def advance_rng(rng: Tensor, used: Tensor) -> Tensor:
+    """``rng`` (b, 2) with the counter of the samples where ``used`` (b,) is True moved on by one."""
+    return torch.stack([rng[:, 0], (rng[:, 1] + used.to(torch.int64)) & _MASK32], dim=1)  # (b, 2)
+
+
 def sample_locations(
-    hist: Tensor, num_samples: int, mode: str = "quantile", generator: torch.Generator | None = None
+    hist: Tensor, num_samples: int, mode: str = "quantile", generator: torch.Generator | None = None,
+    rng: Tensor | None = None,
 ) -> Tensor:
     """M locations in [0, 1] distributed like ``hist`` (b, D), in increasing order: (b, M) float32.
 
     ``"quantile"``: the inverse CDF at the cell-centred quantiles u_m = (m + ½)/M (deterministic; with
     a uniform histogram this is exactly the linear spacing (m + ½)/M). ``"random"``: at M sorted
-    uniform draws. Inside bin j, t = (j + (u − C_j)/p_j)/D with C_j the mass of the bins before j.
+    uniform draws, from the per-sample counter-based generator state ``rng`` (b, 2) when given (see
+    :func:`counter_uniforms`; the memory passes its own), else from ``generator`` / the global RNG.
+    Inside bin j, t = (j + (u − C_j)/p_j)/D with C_j the mass of the bins before j.
     """
     b, d = hist.shape
     p = hist.float().clamp_min(0.0)  # (b, D)
@@ -60,7 +114,9 @@ def sample_locations(
     if mode == "quantile":
         u = cell_centres(num_samples, 0.0, 1.0, torch.float32).to(hist.device).expand(b, num_samples)  # (b, M)
     elif mode == "random":
-        u = torch.rand(b, num_samples, device=hist.device, generator=generator).sort(dim=-1).values  # (b, M)
+        u = counter_uniforms(rng, num_samples) if rng is not None else torch.rand(
+            b, num_samples, device=hist.device, generator=generator)  # (b, M)
+        u = u.sort(dim=-1).values  # (b, M)
     else:
         raise ValueError(f"sample_locations: mode must be 'quantile' or 'random', got {mode!r}")
     j = torch.searchsorted(upper, u.contiguous(), right=True).clamp(max=d - 1)  # (b, M) bin with C_j ≤ u < C_{j+1}
