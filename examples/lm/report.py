@@ -76,13 +76,14 @@ def _diff_cell(d: dict) -> str:
     return f"{d['diff']:+.2f} [{ci[0]:+.2f}, {ci[1]:+.2f}]" if ci else f"{d['diff']:+.2f}"
 
 
-def table(runs: list[dict], paired: dict[str, dict], preset_name: str) -> str:
+def table(runs: list[dict], paired: dict[str, dict], preset_name: str, reference: str = "xl") -> str:
     cols = [metrics.ALL, *metrics.BUCKETS]
     first = runs[0]
     data, s = first["data"], first["settings"]
     counts = first["test"]["as_trained"]["summary"]
+    host = first.get("host", "reference decoder")
     lines = [
-        f"Preset `{preset_name}`: reference decoder e = {s['dim']}, {s['depth']} layers, {s['heads']} heads; "
+        f"Preset `{preset_name}`: {host} e = {s['dim']}, {s['depth']} layers, {s['heads']} heads; "
         f"segment n = {s['seg_len']}, batch {s['batch']}, {s['steps']} steps; tokenizer {data['tokenizer']} "
         f"(V = {data['vocab_size']}).",
         f"Test: {data['test_documents']} documents, {data['test_tokens']:,} tokens"
@@ -101,8 +102,8 @@ def table(runs: list[dict], paired: dict[str, dict], preset_name: str) -> str:
             lines.append(f"| {r['memory']}{VARIANT_LABEL.get(variant, ' ' + variant)} | {r['budget']} | "
                          + " | ".join(_cell(summ[c]) for c in cols) + " |")
     if paired:
-        lines += ["", "Paired difference to xl, perplexity (memory − xl) on the same tokens [95% bootstrap interval "
-                  "over documents]; negative = better than xl:", "",
+        lines += ["", f"Paired difference to {reference}, perplexity (memory − {reference}) on the same tokens [95% "
+                  f"bootstrap interval over documents]; negative = better than {reference}:", "",
                   "| memory | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
         for key, d in paired.items():
             memory, variant = key.split("/")
@@ -143,9 +144,9 @@ def _plt():
     return plt
 
 
-def plot_buckets(runs: list[dict], paired: dict[str, dict], path: Path) -> None:
+def plot_buckets(runs: list[dict], paired: dict[str, dict], path: Path, reference: str = "xl") -> None:
     """Left: perplexity by position bucket per memory (95% intervals over documents). Right: the paired
-    difference to xl on the same tokens, whose interval is much narrower (documents vary a lot)."""
+    difference to ``reference`` on the same tokens, whose interval is much narrower (documents vary a lot)."""
     plt = _plt()
     if plt is None:
         return
@@ -175,14 +176,14 @@ def plot_buckets(runs: list[dict], paired: dict[str, dict], path: Path) -> None:
     ax.legend(fontsize=7)
     if paired:
         ax = axes[0][1]
-        ax.axhline(0.0, color=colour.get("xl", "gray"), lw=1, label="xl")
+        ax.axhline(0.0, color=colour.get(reference, "gray"), lw=1, label=reference)
         for k, (key, d) in enumerate(paired.items()):
             memory, variant = key.split("/")
             pts = [(x, d[b]["diff"], d[b]["ci95"]) for x, b in zip(xs, metrics.BUCKETS) if d[b]["diff"] is not None]
             draw(ax, k, memory + VARIANT_LABEL.get(variant, ""), pts, variant)
         ax.set_xticks(xs, labels)
         ax.set_xlabel("position of the token in its document")
-        ax.set_ylabel("perplexity − xl's, same tokens (95% interval)")
+        ax.set_ylabel(f"perplexity − {reference}'s, same tokens (95% interval)")
         ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -255,18 +256,19 @@ def plot_sticky(runs: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def write_report(out: Path, preset_name: str, preset: Any) -> str:
-    """Rebuild every summary output from the runs found under ``out``; returns the table's markdown."""
+def write_report(out: Path, preset_name: str, preset: Any, reference: str = "xl") -> str:
+    """Rebuild every summary output from the runs found under ``out``; returns the table's markdown.
+    Paired differences are to the ``reference`` run (xl from scratch; the memoryless model when fine-tuning)."""
     runs = load_runs(out)
     if not runs:
         raise ValueError(f"--out: no finished run (<memory>/result.json) under {str(out)!r}")
-    paired = paired_vs(runs)
-    md = table(runs, paired, preset_name)
+    paired = paired_vs(runs, reference)
+    md = table(runs, paired, preset_name, reference)
     (out / "table.md").write_text(md)
     slim = [{k: v for k, v in r.items() if k != "test"} | {"test": {v: x["summary"] for v, x in r["test"].items()}}
             for r in runs]
-    (out / "results.json").write_text(json.dumps({"preset": preset_name, "runs": slim, "paired_vs_xl": paired}, indent=1))
-    plot_buckets(runs, paired, out / "perplexity_by_position.png")
+    (out / "results.json").write_text(json.dumps({"preset": preset_name, "runs": slim, f"paired_vs_{reference}": paired}, indent=1))
+    plot_buckets(runs, paired, out / "perplexity_by_position.png", reference)
     plot_attention(runs, out / "ltm_attention.png")
     plot_sticky(runs, out / "sticky_samples.png")
     return md
