@@ -110,3 +110,10 @@ register_adapter(
     "HFAdapter",
     "Hugging Face transformers: GPT-2, Llama, Qwen2, Mistral decoders (sdpa or eager attention)",
 )
+register_adapter(
+    "timm",
+    _from_library("timm"),
+    "memory_plugins.adapters.timm",
+    "TimmViTAdapter",
+    "timm VisionTransformer family: the Attention of every block (one frame per forward = one segment)",
+)
