@@ -18,6 +18,7 @@ from .runner import SegmentRunner, SegmentOutput
 from .xl import XLConfig, XLMemory
 from .continuous import ContinuousConfig, ContinuousMemory
 from .compressive import CompressiveConfig, CompressiveMemory
+from .knn import KNNConfig, KNNMemory
 
 __version__ = "0.2.0"
 
@@ -28,6 +29,8 @@ __all__ = [
     "ContinuousConfig",
     "ContinuousMemory",
     "HostAttention",
+    "KNNConfig",
+    "KNNMemory",
     "LayerMemory",
     "MemoryAttention",
     "MemoryBackend",

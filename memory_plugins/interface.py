@@ -16,6 +16,9 @@ where ``read`` is this segment's contribution, one or both of
     ``kv_mask`` (b, m) marking which of them hold data for each sample;
 (b) ``output`` (b, n, e): an additive term for the attention block's output, computed from the layer's
     queries (the ∞-former's continuous long-term memory, Eq. 12);
+(c) ``head_output`` (b, h, n, d) with ``head_gate`` (b or 1, h, n or 1, 1): a per-head, per-query result
+    mixed into the host's attention *before* its output projection, ``(1 − g)·attn + g·head_output``
+    (the kNN memory's learned gate, Memorizing Transformers; :func:`memory_plugins.splice.mix_heads`);
 
 and ``new_state`` is the memory after taking in the segment. The controller stages it and commits the
 new states of all layers only when the whole model forward returns (:mod:`memory_plugins.controller`).
@@ -85,6 +88,8 @@ class MemoryRead:
     kv_source: Tensor | None = None  # (b, m, e) vectors to prepend, oldest first
     kv_mask: Tensor | None = None  # (b, m) bool, True where kv_source holds data
     output: Tensor | None = None  # (b, n, e) added to the attention block's output
+    head_output: Tensor | None = None  # (b, h, n, d) mixed into the per-head attention output before W_O
+    head_gate: Tensor | None = None  # (b or 1, h, n or 1, 1) its weight g in [0, 1]; None: g = 1
     aux_loss: Tensor | None = None  # scalar, already weighted by the backend's config
     info: dict[str, Tensor] = field(default_factory=dict)  # diagnostics (e.g. μ, σ²); never needed
 
@@ -135,7 +140,8 @@ class MemoryAttention(Protocol):
       tokens, None if the batch has no padding); a ``None`` read means "attend as usual". Otherwise it
       prepends ``project_kv(read.kv_source)`` to its keys/values (masked with ``read.kv_mask``; the
       memory sits just before the segment, so with rotary or relative positions the memory vectors
-      get positions ``-m … -1``) and adds ``read.output`` to its output.
+      get positions ``-m … -1``), mixes ``read.head_output`` into its per-head attention output before
+      the output projection (:func:`memory_plugins.splice.mix_heads`) and adds ``read.output`` to its output.
 
     See ``memory_plugins/models/reference.py`` for a ~100-line decoder that does exactly this.
     """

@@ -13,7 +13,8 @@ how they rotate) plus these steps, which are the same for every host:
 3. the memory's K/V sources, projected with the host's own weights, repeated to the query heads
    (:func:`repeat_kv`), rotated to positions just before the segment (:func:`memory_positions`),
    masked per sample (:func:`memory_key_mask`);
-4. the read's output added to the attention output (:func:`add_output`);
+4. the read's per-head result mixed into the attention output before the output projection
+   (:func:`mix_heads`), and its output added after it (:func:`add_output`);
 5. the read handed from a pre-hook to a post-hook through the controller (``hook.take_read()``),
    dropped when a forward fails; every handle removed by one :class:`Handles` object.
 """
@@ -72,6 +73,20 @@ def add_output(out: Tensor, read: Any, valid: Tensor | None = None) -> Tensor:
     if valid is not None:
         extra = extra * valid[..., None].to(out.dtype)
     return out + extra
+
+
+def mix_heads(attn: Tensor, read: Any, valid: Tensor | None = None) -> Tensor:
+    """Per-head attention output ``attn`` (b, h, n, d), before the output projection, mixed with the read's
+    ``head_output`` (b, h, n, d) by its gate g (``head_gate`` (b or 1, h, n or 1, 1); None: g = 1):
+    ``attn + g·(head_output − attn)``, i.e. ``(1 − g)·attn + g·head_output``, exactly ``attn`` where g = 0
+    and at padded positions (``valid`` (b, n) False). Unchanged when the read has no ``head_output``."""
+    if read is None or read.head_output is None:
+        return attn
+    extra = read.head_output.to(attn.dtype)  # (b, h, n, d)
+    gate = read.head_gate.to(attn.dtype) if read.head_gate is not None else attn.new_ones(())  # (b|1, h, n|1, 1)
+    if valid is not None:
+        gate = gate * valid[:, None, :, None].to(attn.dtype)  # (b, h, n, 1)
+    return attn + gate * (extra - attn)  # (b, h, n, d)
 
 
 class Handles:

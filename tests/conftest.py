@@ -38,6 +38,7 @@ SMALL_OPTIONS: dict[str, dict] = {
     "xl": {"mem_len": 24},
     "continuous": {"n_basis": 16, "basis_widths": (0.05, 0.1), "stm_len": 16, "sticky": True, "sticky_bins": 16},
     "compressive": {"mem_len": 12, "cmem_len": 6, "compression_rate": 2},
+    "knn": {"store_len": 40, "top_k": 4},
 }
 
 

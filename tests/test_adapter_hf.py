@@ -265,7 +265,7 @@ def test_labels_give_the_loss_and_the_aux_loss_is_added_when_asked(name: str) ->
     aux = wrapped.memory_aux_loss()
     ce = F.cross_entropy(out.logits[:, :-1].reshape(-1, V), segs[3][:, 1:].reshape(-1))
     assert abs(out.loss.item() - (ce + aux).item()) <= 1e-5
-    if name != "xl":
+    if name not in ("xl", "knn"):  # the memories without an aux loss
         assert aux.item() > 0  # compressive reconstruction / continuous KL are live
     hf.include_memory_aux_loss(wrapped)
     again = wrapped(segs[3], labels=segs[3])

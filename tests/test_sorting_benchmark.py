@@ -16,14 +16,14 @@ CPU = PRESETS["cpu"]
 @pytest.mark.parametrize("length", CPU.lengths)
 @pytest.mark.parametrize("memory", [m for m in ALL_MEMORIES if m != "none"])
 def test_every_memory_holds_two_segments_of_vectors_per_layer(memory: str, length: int) -> None:
-    """The paper's equal budgets: XL 2n; compressive n + n; ∞-former STM n + N = n basis functions."""
+    """The paper's equal budgets: XL 2n; compressive n + n; ∞-former STM n + N = n basis functions; kNN 2n."""
     n = CPU.segment
     model = build(CPU, memory, length)
     run_segments(model, memory, generate(2, length, seed=0).to(DEVICE), n, train=False)
     state = model.memory_state()["layers"]
     assert len(state) == CPU.depth
     for layer in state.values():
-        held = {k: v.shape[1] for k, v in layer.items() if k in ("mem", "cmem", "stm", "coef")}  # slots per sample
+        held = {k: v.shape[1] for k, v in layer.items() if k in ("mem", "cmem", "stm", "coef", "keys")}  # slots per sample
         assert sum(held.values()) == 2 * n, held
     if memory == "compressive":  # rate chosen so that the compressed memory reaches back to the start
         opts = memory_options(memory, CPU, length)[1]

@@ -70,7 +70,7 @@ class Preset:
         return max(int(self.epochs * self.n_train / self.batch), 1)
 
 
-ALL_MEMORIES = ("none", "xl", "compressive", "continuous", "continuous_sticky")
+ALL_MEMORIES = ("none", "xl", "compressive", "continuous", "continuous_sticky", "knn")
 PRESETS: dict[str, Preset] = {
     # Paper App. C.1: 3 layers, 6 heads, segment 1,024, XL memory 2,048, compressive 1,024 + 1,024,
     # ∞-former STM 1,024 + 1,024 basis functions, 8,000/800/800 sequences, batch 8, 20 epochs.
@@ -108,6 +108,9 @@ def memory_options(name: str, preset: Preset, length: int) -> tuple[str | None, 
             "stm_len": n, "n_basis": preset.n_basis or n, "tau": 0.75, "sticky": name == "continuous_sticky",
             "basis_widths": (0.01, 0.05), "kl_weight": 1e-5, "sigma_0": 0.05,
         }
+    if name == "knn":
+        # the same 2 × segment tokens per layer, kept as (key, value) per head; k = 32 as in the paper
+        return "knn", {"store_len": 2 * n, "top_k": min(32, 2 * n)}
     raise ValueError(f"unknown memory {name!r}; choose from {list(ALL_MEMORIES)}")
 
 

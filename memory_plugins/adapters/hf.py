@@ -56,7 +56,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from memory_plugins.controller import MemoryHook
 from memory_plugins.interface import AttentionDims, HostAttention
 from memory_plugins.model import MEMORY_CONFIG, MEMORY_STATE, MEMORY_WEIGHTS, MemoryModel  # noqa: F401
-from memory_plugins.splice import Handles, add_output, first_valid, memory_positions, repeat_kv
+from memory_plugins.splice import Handles, add_output, first_valid, memory_positions, mix_heads, repeat_kv
 
 from . import Target
 from .protocol import select
@@ -184,7 +184,7 @@ class _LayerBinding:
         # content queries: the module's own (absolute positions), else projected if the memory needs them
         read = memory(x, None if rotary else query, valid, write=not self.model.incremental)
         if read is None or read.kv_source is None:
-            return base(module, query, key, value, mask, **kwargs)
+            return _mix(base(module, query, key, value, mask, **kwargs), read, valid)
         self._warn_absolute()
         source = read.kv_source.to(key.dtype)  # (b, m, e)
         m = source.shape[1]
@@ -197,7 +197,7 @@ class _LayerBinding:
         keep = read.kv_mask if read.kv_mask is not None else key.new_ones(b, m, dtype=torch.bool)  # (b, m)
         eager = self.model.config._attn_implementation == "eager"
         mask = _extend_mask(mask, keep, n, length, query.dtype, float_mask=eager)  # (b, 1, n, m + L)
-        return base(module, query, key, value, mask, **kwargs)
+        return _mix(base(module, query, key, value, mask, **kwargs), read, valid)
 
     def _rotate_memory(self, km: Tensor, position_ids: Tensor | None, n: int, length: int,
                        own: Tensor | None) -> Tensor:
@@ -229,6 +229,16 @@ class _LayerBinding:
             UserWarning,
             stacklevel=3,
         )
+
+
+def _mix(result: tuple[Tensor, Any], read: Any, valid: Tensor | None) -> tuple[Tensor, Any]:
+    """The attention function's ``(out (b, n, h, d), weights)`` with the read's per-head result mixed in
+    (before the module's output projection, which follows the attention function)."""
+    if read is None or read.head_output is None:
+        return result
+    out, weights = result
+    out = mix_heads(out.transpose(1, 2), read, valid).transpose(1, 2)  # (b, n, h, d)
+    return out.contiguous(), weights
 
 
 def _extend_mask(

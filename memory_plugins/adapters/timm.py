@@ -17,6 +17,8 @@ such module gets
   memory rows are also queries of that call; they see only themselves and their outputs are dropped.
   This costs m extra query rows per layer, and buys exactly the host's own attention arithmetic
   (gating, scale norm, dropout) without re-implementing it.
+* a forward pre-hook on the module's ``norm`` (the step between its merged heads and ``proj``) that
+  mixes the memory's per-head ``head_output`` (the kNN memory) into the frame's rows;
 * a forward hook that drops those m rows again and adds the memory's ``output`` (the ∞-former's
   long-term term, Eq. 12) to the module output, before the block's LayerScale / residual.
 
@@ -56,7 +58,7 @@ from timm.models.vision_transformer import VisionTransformer
 
 from memory_plugins.controller import MemoryHook
 from memory_plugins.interface import AttentionDims, HostAttention
-from memory_plugins.splice import Handles, add_output
+from memory_plugins.splice import Handles, add_output, mix_heads
 
 from . import Target
 from .protocol import select
@@ -179,6 +181,7 @@ class _Layer:
     hook: MemoryHook | None = None
     prefix: int = 0  # memory rows prepended in the current call (dropped by the post-hook)
     valid: Tensor | None = None  # (b, n) of the current call
+    head_read: Any = None  # the current call's read while it carries a head_output (for the norm pre-hook)
 
 
 def _expected_tokens(vit: nn.Module) -> int | None:
@@ -198,7 +201,7 @@ class _PreHook:
 
     def __call__(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict] | None:
         layer = self.layer
-        layer.prefix, layer.valid = 0, None
+        layer.prefix, layer.valid, layer.head_read = 0, None, None
         memory = layer.hook
         if memory is None or not memory.enabled:
             return None
@@ -220,6 +223,12 @@ class _PreHook:
         attn_mask, is_causal = kwargs.get("attn_mask"), bool(kwargs.get("is_causal", False))
         layer.valid = _valid(attn_mask, is_causal, b, n)  # (b, n) or None
         read = memory(x, None, layer.valid)
+        if read is not None and read.head_output is not None:
+            if not isinstance(getattr(module, "norm", None), nn.Module):
+                raise NotImplementedError(
+                    f"timm adapter: layer {layer.target.name!r} has no 'norm' step between its attention and its "
+                    "output projection (an older timm?), where a per-head memory result (memory='knn') is mixed in.")
+            layer.head_read = read
         if read is None or read.kv_source is None:
             return None
         source = read.kv_source.to(x.dtype)  # (b, m, e)
@@ -234,6 +243,26 @@ class _PreHook:
         return args, {**kwargs, "x": joined}
 
 
+class _HeadMix:
+    """Forward pre-hook of an ``Attention``'s ``norm``: its input, the merged heads (b, m + n, h·d), with
+    the read's per-head result mixed into the frame's n rows."""
+
+    def __init__(self, layer: _Layer) -> None:
+        self.layer = layer
+
+    def __call__(self, module: nn.Module, args: tuple) -> tuple | None:
+        layer = self.layer
+        read, prefix = layer.head_read, layer.prefix
+        layer.head_read = None
+        if read is None:
+            return None
+        x = args[0]  # (b, m + n, h·d)
+        h = layer.target.dims.num_heads
+        frame = x[:, prefix:].unflatten(-1, (h, -1)).transpose(1, 2)  # (b, h, n, d)
+        frame = mix_heads(frame, read, layer.valid).transpose(1, 2).flatten(-2)  # (b, n, h·d)
+        return (torch.cat([x[:, :prefix], frame], dim=1), *args[1:])  # (b, m + n, h·d)
+
+
 class _PostHook:
     """Forward hook of an ``Attention``: drop the memory rows, add the memory's output."""
 
@@ -245,7 +274,7 @@ class _PostHook:
         memory = layer.hook
         read = memory.take_read() if memory is not None else None
         prefix, valid = layer.prefix, layer.valid
-        layer.prefix, layer.valid = 0, None
+        layer.prefix, layer.valid, layer.head_read = 0, None, None
         if not isinstance(output, Tensor) or (prefix == 0 and (read is None or read.output is None)):
             return None  # (a failed forward calls this hook too, without an output)
         out = output[:, prefix:]  # (b, n, e)
@@ -310,6 +339,8 @@ class TimmViTAdapter:
             layer.hook = memory
             module = layer.target.module
             handles.append(module.register_forward_pre_hook(_PreHook(layer), with_kwargs=True))
+            if isinstance(getattr(module, "norm", None), nn.Module):
+                handles.append(module.norm.register_forward_pre_hook(_HeadMix(layer)))
             handles.append(module.register_forward_hook(_PostHook(layer), with_kwargs=True, always_call=True))
         return Handles(handles)  # once removed, no hook object refers to the layers any more
 

@@ -15,6 +15,9 @@ they were): every *self*-attention block of a causal ``AttentionLayers`` stack (
   rotary positions it rebuilds ``rotary_pos_emb`` so that the memory sits at positions ``-m … -1``
   before the segment, exactly as x-transformers does for its native ``mems``; with ``rel_pos_bias`` /
   ALiBi / dynamic bias nothing is needed (the bias is built from the key length).
+* a forward hook on the block's ``Attend`` that mixes the memory's per-head ``head_output`` (the kNN
+  memory's gated retrieval) into the attention result (b, h, n, d), before head scaling, gates and the
+  output projection;
 * a forward hook that adds the memory's ``output`` (the ∞-former's long-term term) to the block's
   output, before the residual / LayerScale.
 
@@ -44,7 +47,8 @@ from torch import Tensor, nn
 import x_transformers.x_transformers as xt
 from memory_plugins.controller import MemoryHook
 from memory_plugins.interface import AttentionDims, HostAttention
-from memory_plugins.splice import Handles, add_output, first_valid, memory_key_mask, memory_positions, repeat_kv
+from memory_plugins.splice import (Handles, add_output, first_valid, memory_key_mask, memory_positions, mix_heads,
+                                   repeat_kv)
 
 from . import Target
 from .protocol import select
@@ -66,6 +70,8 @@ class _Layer:
     wrapper: nn.Module | None  # the TransformerWrapper around the stack, if any (absolute positions)
     calls: "_StackCall"
     hook: MemoryHook | None = None
+    head_read: Any = None  # this call's read while it carries a head_output (pre-hook → Attend hook)
+    head_valid: Tensor | None = None  # (b, n) its queries' padding mask
 
 
 @dataclass
@@ -233,6 +239,12 @@ class _PreHook:
         valid = pad[:, -n:].to(torch.bool) if pad is not None else None  # (b, n)
         # Incremental decoding: the cache holds the current segment, so the memory is only read.
         read = memory(x, None, valid, write=cache is None)
+        if read is not None and read.head_output is not None:
+            if layer.target.module.laser:
+                raise NotImplementedError(
+                    f"x-transformers adapter: layer {layer.target.name!r} uses laser attention (exp values, log "
+                    "output), into which a per-head memory result (memory='knn') cannot be mixed; build the Decoder with attn_laser=False.")
+            layer.head_read, layer.head_valid = read, valid
         if read is None or read.kv_source is None:
             return None
         _refuse_kv(layer, kwargs)
@@ -255,6 +267,22 @@ class _PreHook:
         return args, kwargs
 
 
+class _AttendHook:
+    """Forward hook of a block's ``Attend``: mix the memory's per-head result into ``out`` (b, h, n, d)."""
+
+    def __init__(self, layer: _Layer) -> None:
+        self.layer = layer
+
+    def __call__(self, module: nn.Module, args: tuple, output: Any) -> Any:
+        layer = self.layer
+        read, valid = layer.head_read, layer.head_valid
+        layer.head_read = layer.head_valid = None
+        if read is None:
+            return None
+        out, intermediates = output
+        return mix_heads(out, read, valid), intermediates  # (b, h, n, d)
+
+
 class _PostHook:
     """Forward hook of a block: add the memory's output to the block's output."""
 
@@ -263,6 +291,7 @@ class _PostHook:
 
     def __call__(self, module: nn.Module, args: tuple, kwargs: dict[str, Any], output: Any) -> Any:
         memory = self.layer.hook
+        self.layer.head_read = self.layer.head_valid = None  # also after a failed forward
         read = memory.take_read() if memory is not None else None
         if read is None or read.output is None:
             return None
@@ -333,6 +362,7 @@ class XTransformersAdapter:
             layer.hook = memory
             module = layer.target.module
             handles.append(module.register_forward_pre_hook(_PreHook(layer), with_kwargs=True))
+            handles.append(module.attend.register_forward_hook(_AttendHook(layer)))
             handles.append(module.register_forward_hook(_PostHook(layer), with_kwargs=True, always_call=True))
         return Handles(handles, [_Unhook(layers)])
 

@@ -1,7 +1,8 @@
 """A small pre-LN causal decoder with rotary positions whose attention follows ``MemoryAttention``.
 
 It is the backbone of our examples and the reference for custom decoders: ``Attention.forward`` shows
-the whole integration (one call to ``memory_hook``, prepend its source vectors, add its output).
+the whole integration (one call to ``memory_hook``, prepend its source vectors, mix its per-head
+result before the output projection, add its output).
 
 Notation: b batch, n segment length, m memory length, h heads, d head dim, e model dim, V vocabulary.
 """
@@ -17,7 +18,7 @@ from torch import Tensor, nn
 
 from ..config import check_float, check_int
 from ..interface import MemoryRead
-from ..splice import add_output, memory_key_mask
+from ..splice import add_output, memory_key_mask, mix_heads
 
 
 @dataclass
@@ -103,6 +104,7 @@ class Attention(nn.Module):
                 own[:, m:] = torch.eye(n, dtype=torch.bool, device=x.device)
                 allowed = allowed | own
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed[:, None])  # (b, h, n, d)
+        out = mix_heads(out, read, mask)  # (b, h, n, d) per-head memory result, gated (kNN memory)
         out = self.to_out(rearrange(out, "b h n d -> b n (h d)"))  # (b, n, e)
         return add_output(out, read)  # Eq. 12: Z = Z_T + Z_LTM
 
