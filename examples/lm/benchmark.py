@@ -462,6 +462,32 @@ def ppl_of(nll: list[Tensor]) -> float:
     return math.exp(total / max(count, 1))
 
 
+def test_model(model: nn.Module, continuous: bool, docs: list[Document], preset: Any, device: torch.device,
+               bos: int, seed: int) -> tuple[dict, dict | None, float, dict[str, list[Tensor]]]:
+    """Test ``model`` on ``docs``: per variant ("as_trained"; for the ∞-former also "ltm_off") the bucket
+    summary with intervals and the per-document sums; the LTM diagnostics; seconds; the per-token NLL."""
+    t_eval = time.perf_counter()
+    variants: dict[str, list[Tensor]] = {}
+    diagnostics = None
+    if continuous:
+        with LTMProbe(model) as probe:
+            variants["as_trained"] = evaluate(model, docs, preset, device, bos)
+        diagnostics = probe.result()
+        with LTMOff(model):
+            variants["ltm_off"] = evaluate(model, docs, preset, device, bos)
+    else:
+        variants["as_trained"] = evaluate(model, docs, preset, device, bos)
+    eval_seconds = time.perf_counter() - t_eval
+    test = {}
+    for name, nll in variants.items():
+        sums, counts = metrics.bucket_sums(nll)
+        test[name] = {
+            "summary": metrics.summary(sums, counts, resamples=preset.bootstrap, seed=seed),
+            "per_doc": {d.id: {"nll_sum": sums[i].tolist(), "tokens": counts[i].tolist()} for i, d in enumerate(docs)},
+        }
+    return test, diagnostics, eval_seconds, variants
+
+
 def train_one(preset_name: str, preset: Preset, memory: str, corpus: Corpus, seed: int, out: Path,
               device: torch.device, launch: Launch | None = None) -> dict:
     """Train and test one memory; resumable through ``out/<memory>/``. With ``launch`` of several
@@ -567,26 +593,9 @@ def train_one(preset_name: str, preset: Preset, memory: str, corpus: Corpus, see
         return json.loads(result_file.read_text())
 
     # -- test ------------------------------------------------------------------------------------
-    t_eval = time.perf_counter()
-    variants: dict[str, list[Tensor]] = {}
-    diagnostics = None
     kind, options = memory_options(memory, preset)
-    if kind == "continuous":
-        with LTMProbe(model) as probe:
-            variants["as_trained"] = evaluate(model, test_docs, preset, device, corpus.bos)
-        diagnostics = probe.result()
-        with LTMOff(model):
-            variants["ltm_off"] = evaluate(model, test_docs, preset, device, corpus.bos)
-    else:
-        variants["as_trained"] = evaluate(model, test_docs, preset, device, corpus.bos)
-    eval_seconds = time.perf_counter() - t_eval
-    test = {}
-    for name, nll in variants.items():
-        sums, counts = metrics.bucket_sums(nll)
-        test[name] = {
-            "summary": metrics.summary(sums, counts, resamples=preset.bootstrap, seed=seed),
-            "per_doc": {d.id: {"nll_sum": sums[i].tolist(), "tokens": counts[i].tolist()} for i, d in enumerate(test_docs)},
-        }
+    test, diagnostics, eval_seconds, variants = test_model(model, kind == "continuous", test_docs, preset, device,
+                                                           corpus.bos, seed)
     torch.save({"ids": [d.id for d in test_docs], **{k: [x.float() for x in v] for k, v in variants.items()}}, run / "nll.pt")
     result = {
         "preset": preset_name, "settings": asdict(preset), "memory": memory, "memory_kind": kind,

@@ -51,16 +51,14 @@ from torch import nn
 
 import memory_plugins as mp
 
-from . import metrics
 from .benchmark import (
-    LTMOff,
-    LTMProbe,
     autocast,
     evaluate,
     forward_segment,
     longest,
     open_corpus,
     ppl_of,
+    test_model,
     token_nll,
 )
 from .corpus import ChecksumError, CorpusError
@@ -124,9 +122,9 @@ PRESETS: dict[str, FinetunePreset] = {
     # A few CPU minutes: a 2-layer GPT-2 pretrained 600 steps, fine-tuned 200, tested on the 8 longest test
     # books cut at 10,240 tokens.
     "quick": FinetunePreset(eval_docs=8, eval_max_tokens=10_240),
-    # About half an hour on 2 cores (one thread a process): pretrained 2,000 steps of 8 × 128 tokens, each
-    # variant fine-tuned 800 steps, the whole test split.
-    "cpu": FinetunePreset(depth=3, pretrain_steps=2000, steps=800, warmup=80, evals=4, valid_docs=6,
+    # About 40 minutes on 2 cores: pretrained 1,500 steps of 8 × 128 tokens, then each variant fine-tuned
+    # 600 steps (as parallel processes of one thread: --memories), the whole test split.
+    "cpu": FinetunePreset(depth=3, pretrain_steps=1500, steps=600, warmup=60, evals=3, valid_docs=6,
                           valid_max_tokens=4096),
     # One GPU: a GPT-2 of width 384 and 6 layers, 32 lanes (not measured yet).
     "gpu": FinetunePreset(memories=FT_MEMORIES, dim=384, depth=6, heads=6, batch=32, pretrain_steps=3000,
@@ -275,24 +273,7 @@ def finetune_one(preset_name: str, preset: FinetunePreset, memory: str, base_dir
     groups = param_groups(model, preset.lr, preset.lr * preset.memory_lr_mult, preset.weight_decay)
     log = train_segments(model, books, preset.steps, groups, preset, device, corpus.bos, seed, memory,
                          lambda: ppl_of(evaluate(model, valid, preset, device, corpus.bos)))
-    t_eval = time.perf_counter()
-    variants, diagnostics = {}, None
-    if kind == "continuous":
-        with LTMProbe(model) as probe:
-            variants["as_trained"] = evaluate(model, test, preset, device, corpus.bos)
-        diagnostics = probe.result()
-        with LTMOff(model):
-            variants["ltm_off"] = evaluate(model, test, preset, device, corpus.bos)
-    else:
-        variants["as_trained"] = evaluate(model, test, preset, device, corpus.bos)
-    eval_seconds = time.perf_counter() - t_eval
-    results = {}
-    for name, nll in variants.items():
-        sums, counts = metrics.bucket_sums(nll)
-        results[name] = {
-            "summary": metrics.summary(sums, counts, resamples=preset.bootstrap, seed=seed),
-            "per_doc": {d.id: {"nll_sum": sums[i].tolist(), "tokens": counts[i].tolist()} for i, d in enumerate(test)},
-        }
+    results, diagnostics, eval_seconds, _ = test_model(model, kind == "continuous", test, preset, device, corpus.bos, seed)
     base = model.model if isinstance(model, mp.MemoryModel) else model
     result = {
         "preset": preset_name, "settings": asdict(preset), "memory": memory, "memory_kind": kind,
