@@ -39,6 +39,8 @@ def _model(memory: str) -> nn.Module:
         for backend in model.memory.backends:
             if hasattr(backend, "to_out"):  # the ∞-former's W_O starts at zero: make its LTM matter here
                 nn.init.normal_(backend.to_out.weight, std=0.3)
+            if isinstance(getattr(backend, "gate", None), nn.Parameter):  # the kNN gate starts closed: open it
+                nn.init.constant_(backend.gate, 0.5)
     return model.eval()
 
 

@@ -19,6 +19,8 @@ short-term memory of n vectors for all, plus a long-term memory of n for the las
 * ``compressive``: n vectors + n compressed vectors (conv, rate 4, attention-reconstruction loss).
 * ``continuous``: the ∞-former: an STM of n vectors + an LTM of N = n basis functions (τ = 0.5,
   widths (0.01, 0.05), λ_KL = 1e-5, σ₀ = 0.1: App. C.2). ``continuous_sticky``: with sticky memories.
+* ``knn``: Memorizing Transformers' retrieval memory: a store of 2n (key, value) pairs per head, each
+  query's top 32 mixed with local attention by a per-head gate.
 
 Data: ``examples.lm.data.DocumentStream``: each lane reads one document in order, n tokens per
 segment; when its document ends the lane's memory is reset (``model.reset_memory(doc_start)``) and the
@@ -84,7 +86,7 @@ try:
 except ImportError:  # tqdm is an optional extra
     tqdm = None
 
-ALL_MEMORIES = ("none", "xl", "compressive", "continuous", "continuous_sticky")
+ALL_MEMORIES = ("none", "xl", "compressive", "continuous", "continuous_sticky", "knn")
 
 
 @dataclass
@@ -184,6 +186,8 @@ def memory_options(name: str, preset: Preset) -> tuple[str | None, dict[str, Any
             "stm_len": n, "n_basis": preset.basis, "basis_widths": tuple(preset.basis_widths), "tau": preset.tau,
             "kl_weight": preset.kl_weight, "sigma_0": preset.sigma_0, "sticky": name == "continuous_sticky",
         }
+    if name == "knn":  # Memorizing Transformers: the compressive memory's 2n slots as retrievable pairs
+        return "knn", {"store_len": 2 * n, "top_k": min(32, 2 * n)}
     raise ValueError(f"memory: unknown {name!r}; choose from {list(ALL_MEMORIES)}")
 
 
@@ -196,6 +200,7 @@ def budget(name: str, preset: Preset) -> str:
         "compressive": f"{n} vectors + {n} compressed (rate {c}: {n + c * n} tokens back)",
         "continuous": f"{n} STM vectors + N = {preset.basis} basis coefficients (unbounded)",
         "continuous_sticky": f"{n} STM vectors + N = {preset.basis} basis coefficients, sticky (unbounded)",
+        "knn": f"{2 * n} retrievable (key, value) pairs per head, top {min(32, 2 * n)} ({2 * n} tokens back)",
     }[name]
 
 

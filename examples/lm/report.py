@@ -21,7 +21,7 @@ import torch
 
 from . import metrics
 
-ORDER = ("none", "xl", "compressive", "continuous", "continuous_sticky")
+ORDER = ("none", "xl", "compressive", "continuous", "continuous_sticky", "knn")
 VARIANT_LABEL = {"as_trained": "", "ltm_off": " (LTM off at test)"}
 
 
