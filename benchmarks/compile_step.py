@@ -43,6 +43,7 @@ def memory_options(name: str, n: int) -> dict[str, Any]:
         "xl": dict(mem_len=2 * n),
         "compressive": dict(mem_len=n, cmem_len=n // 2, compression_rate=2),
         "continuous": dict(n_basis=32, basis_widths=(0.05, 0.1), stm_len=0, zero_init_output=False),
+        "knn": dict(store_len=2 * n, top_k=min(32, 2 * n)),
     }
     return known.get(name, {})
 

@@ -49,7 +49,8 @@ def _hf(kind: str) -> Callable[[], nn.Module]:
         tokens = dict(bos_token_id=0, eos_token_id=1, pad_token_id=1)
         if kind == "gpt2":
             return transformers.GPT2LMHeadModel(transformers.GPT2Config(
-                vocab_size=V, n_positions=4 * N, n_embd=32, n_layer=1, n_head=2, **tokens))
+                vocab_size=V, n_positions=4 * N, n_embd=32, n_layer=1, n_head=2, resid_pdrop=0.0, embd_pdrop=0.0,
+                attn_pdrop=0.0, **tokens))  # no dropout: training mode, eager and compiled must agree
         return transformers.LlamaForCausalLM(transformers.LlamaConfig(
             vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
             num_key_value_heads=1, max_position_embeddings=4 * N, **tokens))

@@ -218,8 +218,8 @@ class _LayerBinding:
         return km * cos + _rotate_half(km) * sin  # (b, k, m, d)
 
     def _warn_absolute(self) -> None:
-        if self.model.spec.positions != "absolute" or self.model.warned:
-            return
+        if self.model.spec.positions != "absolute" or self.model.warned or torch.compiler.is_compiling():
+            return  # (a warning inside a compiled graph would break it at every call)
         self.model.warned = True
         warnings.warn(
             "memory_plugins: this model has absolute position embeddings; every segment keeps positions 0..n-1 "
