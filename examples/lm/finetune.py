@@ -237,7 +237,7 @@ def train_segments(model: nn.Module, books: list[Document], steps: int, groups: 
 def pretrain(out: Path, preset: FinetunePreset, corpus, books: list[Document], valid, device, seed: int) -> Path:
     """Train the memoryless base model once and save it (``out/pretrained``); reused when present."""
     folder = out / "pretrained"
-    if (folder / "config.json").is_file():
+    if (folder / "pretraining.json").is_file():  # written last: the weights are complete
         return folder
     model = pretrained_model(preset, corpus.vocab_size, seed).to(device)
     log = train_segments(model, books, preset.pretrain_steps, param_groups(model, preset.pretrain_lr, 0.0,
