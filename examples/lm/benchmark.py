@@ -89,6 +89,24 @@ except ImportError:  # tqdm is an optional extra
 ALL_MEMORIES = ("none", "xl", "compressive", "continuous", "continuous_sticky", "knn")
 
 
+def check_preset(preset: Any, memories: tuple[str, ...], ints: tuple[str, ...]) -> None:
+    """A preset's memories are a non-empty subset of ``memories``, its ``ints`` are ints >= 1 and its
+    optional counts (evaluation documents and tokens, N) None or ints >= 1; else a ValueError naming
+    the field, the value and what is allowed."""
+    kind = type(preset).__name__
+    bad = [m for m in preset.memories if m not in memories]
+    if bad or not preset.memories:
+        raise ValueError(f"{kind}.memories: {list(preset.memories)} is not a non-empty subset of {list(memories)}")
+    for name in ints:
+        value = getattr(preset, name)
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{kind}.{name} must be an int >= 1, got {value!r}")
+    for name in ("eval_docs", "eval_max_tokens", "valid_docs", "valid_max_tokens", "n_basis"):
+        value = getattr(preset, name)
+        if value is not None and (not isinstance(value, int) or value < 1):
+            raise ValueError(f"{kind}.{name} must be None or an int >= 1, got {value!r}")
+
+
 @dataclass
 class Preset:
     memories: tuple[str, ...]
@@ -122,18 +140,8 @@ class Preset:
     amp: bool = False  # bf16 autocast (CUDA only)
 
     def __post_init__(self) -> None:
-        bad = [m for m in self.memories if m not in ALL_MEMORIES]
-        if bad or not self.memories:
-            raise ValueError(f"Preset.memories: {list(self.memories)} is not a non-empty subset of {list(ALL_MEMORIES)}")
-        for name in ("dim", "depth", "heads", "ff_mult", "seg_len", "batch", "steps", "eval_batch", "evals",
-                     "checkpoint_every", "bootstrap", "compression_rate"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"Preset.{name} must be an int >= 1, got {value!r}")
-        for name in ("eval_docs", "eval_max_tokens", "valid_docs", "valid_max_tokens", "n_basis"):
-            value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or value < 1):
-                raise ValueError(f"Preset.{name} must be None or an int >= 1, got {value!r}")
+        check_preset(self, ALL_MEMORIES, ("dim", "depth", "heads", "ff_mult", "seg_len", "batch", "steps", "eval_batch",
+                                          "evals", "checkpoint_every", "bootstrap", "compression_rate"))
         if not isinstance(self.warmup, int) or self.warmup < 0:
             raise ValueError(f"Preset.warmup must be an int >= 0, got {self.warmup!r}")
         check_name(self.tokenizer)

@@ -53,6 +53,7 @@ import memory_plugins as mp
 
 from .benchmark import (
     autocast,
+    check_preset,
     evaluate,
     forward_segment,
     longest,
@@ -104,14 +105,10 @@ class FinetunePreset:
     amp: bool = False  # bf16 autocast (CUDA only)
 
     def __post_init__(self) -> None:
-        bad = [m for m in self.memories if m not in FT_MEMORIES]
-        if bad or not self.memories:
-            raise ValueError(f"FinetunePreset.memories: {list(self.memories)} is not a non-empty subset of {list(FT_MEMORIES)}")
-        for name in ("dim", "depth", "heads", "seg_len", "batch", "pretrain_steps", "steps", "eval_batch", "evals",
-                     "bootstrap", "min_tokens"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"FinetunePreset.{name} must be an int >= 1, got {value!r}")
+        check_preset(self, FT_MEMORIES, ("dim", "depth", "heads", "seg_len", "batch", "pretrain_steps", "steps",
+                                         "eval_batch", "evals", "bootstrap", "min_tokens"))
+        if not isinstance(self.warmup, int) or self.warmup < 0:
+            raise ValueError(f"FinetunePreset.warmup must be an int >= 0, got {self.warmup!r}")
 
     @property
     def basis(self) -> int:
