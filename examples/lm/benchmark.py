@@ -450,14 +450,31 @@ def fingerprint(preset: Preset, memory: str, corpus: Corpus, seed: int, world_si
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def schedule(preset: Preset):
+def schedule(warmup: int, steps: int):
     """Linear warmup over ``warmup`` steps, then cosine decay to 0 at ``steps``."""
 
     def factor(step: int) -> float:
-        warm = min(1.0, (step + 1) / preset.warmup) if preset.warmup else 1.0
-        return warm * 0.5 * (1.0 + math.cos(math.pi * min(step / preset.steps, 1.0)))
+        warm = min(1.0, (step + 1) / warmup) if warmup else 1.0
+        return warm * 0.5 * (1.0 + math.cos(math.pi * min(step / steps, 1.0)))
 
     return factor
+
+
+def train_step(model: nn.Module, parallel: nn.Module, seg: Segment, opt: torch.optim.Optimizer, sched: Any,
+               preset: Any, device: torch.device) -> float:
+    """One truncated-BPTT step on segment ``seg`` through ``parallel`` (``model`` or its DDP wrapper):
+    token loss + the memories' aux losses, backward, clipping, optimiser and schedule step. Returns
+    the token loss (mean over real targets)."""
+    with autocast(device, preset):
+        logits = forward_segment(parallel, seg)  # (B, n, V)
+    loss = token_nll(logits, seg).sum() / seg.valid.sum().clamp_min(1)  # mean over real targets
+    aux = model.memory_aux_loss() if isinstance(model, mp.MemoryModel) else loss.new_zeros(())
+    (loss + aux).backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), preset.clip)
+    opt.step()
+    sched.step()
+    opt.zero_grad(set_to_none=True)
+    return loss.item()
 
 
 def optimizer(model: nn.Module, preset: Preset) -> torch.optim.Optimizer:
@@ -526,7 +543,7 @@ def train_one(preset_name: str, preset: Preset, memory: str, corpus: Corpus, see
     model = build(preset, memory, corpus.vocab_size).to(device)
     parallel = distributed.data_parallel(model, launch)  # model itself for one process
     opt = optimizer(model, preset)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule(preset))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule(preset.warmup, preset.steps))
     wrapped = isinstance(model, mp.MemoryModel)
     valid_docs = longest(corpus.valid, preset.valid_docs, preset.valid_max_tokens)
     test_docs = longest(corpus.test, preset.eval_docs, preset.eval_max_tokens)
@@ -562,17 +579,7 @@ def train_one(preset_name: str, preset: Preset, memory: str, corpus: Corpus, see
         seg = next(stream).to(device)
         if launch.distributed:
             seen.update(train_docs[d].id for d in seg.doc_index.tolist() if d >= 0)
-        with autocast(device, preset):
-            logits = forward_segment(parallel, seg)  # (B, n, V)
-        tl = token_nll(logits, seg)  # (B, n)
-        loss = tl.sum() / seg.valid.sum().clamp_min(1)
-        aux = model.memory_aux_loss() if wrapped else loss.new_zeros(())
-        (loss + aux).backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), preset.clip)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(loss.item())
+        losses.append(train_step(model, parallel, seg, opt, sched, preset, device))
         losses = losses[-50:]
         if bar:
             bar.update(1)

@@ -40,7 +40,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import math
 import sys
 import time
 from dataclasses import asdict, dataclass, replace
@@ -52,15 +51,14 @@ from torch import nn
 import memory_plugins as mp
 
 from .benchmark import (
-    autocast,
     check_preset,
     evaluate,
-    forward_segment,
     longest,
     open_corpus,
     ppl_of,
+    schedule,
     test_model,
-    token_nll,
+    train_step,
 )
 from .corpus import ChecksumError, CorpusError
 from .data import Document, DocumentStream
@@ -196,10 +194,8 @@ def train_segments(model: nn.Module, books: list[Document], steps: int, groups: 
     points. Returns the learning curve and the training time."""
     opt = torch.optim.AdamW(groups, betas=(0.9, 0.98), eps=1e-8)
     warm = max(1, min(preset.warmup, steps // 5))
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1.0 + math.cos(math.pi * min(s / steps, 1.0))))
-    wrapped = isinstance(model, mp.MemoryModel)
-    if wrapped:
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule(warm, steps))
+    if isinstance(model, mp.MemoryModel):
         model.reset_memory()
     stream = iter(DocumentStream(books, preset.batch, preset.seg_len, train=True, seed=seed, bos=bos))
     eval_at = {round(steps * (k + 1) / preset.evals) for k in range(preset.evals)}
@@ -209,16 +205,7 @@ def train_segments(model: nn.Module, books: list[Document], steps: int, groups: 
     t0 = time.perf_counter()
     for step in range(steps):
         seg = next(stream).to(device)
-        with autocast(device, preset):
-            logits = forward_segment(model, seg)  # (B, n, V)
-        loss = token_nll(logits, seg).sum() / seg.valid.sum().clamp_min(1)  # mean over real targets
-        aux = model.memory_aux_loss() if wrapped else loss.new_zeros(())
-        (loss + aux).backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), preset.clip)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        losses = (losses + [loss.item()])[-50:]
+        losses = (losses + [train_step(model, model, seg, opt, sched, preset, device)])[-50:]
         if bar:
             bar.update(1)
             bar.set_postfix(loss=f"{sum(losses) / len(losses):.3f}")
