@@ -155,3 +155,27 @@ def test_kl_reduction_is_validated_and_paper_is_the_default() -> None:
     assert ContinuousConfig().kl_reduction == "paper"
     with pytest.raises(ValueError, match=r"ContinuousConfig.kl_reduction must be one of \['paper', 'mean'\], got 'sum'"):
         ContinuousConfig(kl_reduction="sum")
+
+
+@pytest.mark.parametrize("pad", [True, False])
+@pytest.mark.parametrize("transition", [True, False])
+def test_batched_fit_equals_each_layouts_cached_fit(pad: bool, transition: bool) -> None:
+    """The compiled update's per-sample solve (``BasisCache.batched_fit``) gives every sample the same
+    matrices as the eager update's per-layout cache: k right-aligned valid slots of P, with an LTM
+    (M past samples in [0, τ]) or as a first fit; float64, so the two agree to rounding."""
+    cache = BasisCache(16, WIDE, 0.5, 0.75, pad)
+    m, p = 12, 6
+    count = torch.tensor([6, 3, 1, 0, 6, 4, 1], device=DEVICE)  # (b,) valid slots per sample
+    has = torch.tensor([True, True, True, True, False, False, False], device=DEVICE)  # (b,)
+    g_new, other = cache.batched_fit(count, has, m, p, transition)  # (b, N, P), (b, N, N) | (b, M, N)
+    assert g_new.dtype == other.dtype == torch.float64
+    for i, (k, with_ltm) in enumerate(zip(count.tolist(), has.tolist())):
+        if k == 0:
+            continue  # nothing taken in: the update keeps the sample's coefficients, whatever the matrices
+        rows = cache.regression(m if with_ltm else 0, k, DEVICE, torch.float64)  # (M + k, N) or (k, N)
+        expect = torch.zeros(16, p, dtype=torch.float64, device=DEVICE)  # (N, P) zero columns: invalid slots
+        expect[:, p - k:] = rows[-k:].T
+        assert torch.allclose(g_new[i], expect, rtol=1e-9, atol=1e-9 * expect.abs().max().item()), (i, k)
+        if with_ltm:
+            ref = cache.transition(m, k, DEVICE, torch.float64) if transition else rows[:m]  # (N, N) or (M, N)
+            assert torch.allclose(other[i], ref, rtol=1e-9, atol=1e-9 * ref.abs().max().item()), (i, k)

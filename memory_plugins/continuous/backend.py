@@ -167,46 +167,77 @@ class ContinuousMemory(nn.Module):
         with torch.autocast(device_type=coef.device.type, enabled=False):
             x_new = x_new.to(coef.dtype)  # (b, P, e)
             dev, dt = coef.device, coef.dtype
-            # Compiled: each sample's layout gathered by its count (no host sync, no graph break).
-            table = self.cache.fit_table(m, p, dev, dt, not cfg.sticky) if torch.compiler.is_compiling() else None
-            if table is not None:
-                new_t, past_t, first_t, trans_t = table  # (P+1, P, N), (P+1, M, N), (P+1, P, N), (P+1, N, N)
-                g_new = torch.where(has[:, None, None], new_t[count], first_t[count])  # (b, P, N)
-                g_past = past_t[count]  # (b, M, N)
-                transition = None if trans_t is None else trans_t[count]  # (b, N, N)
-                fitted = g_new.transpose(1, 2) @ x_new  # (b, N, e)
+            if torch.compiler.is_compiling():  # no host sync, no graph break: torch.cond picks the fit
+                g_new, other = self.compiled_fit(valid, count, has, m, p, dev, dt)  # (b, N, P), (b, N, N) | (b, M, N)
+                g_past, transition = (None, other) if not cfg.sticky else (other, None)
             elif bool(valid.all()):  # one layout for the whole batch: shared matrices, no per-sample copies
                 g = self.cache.regression(m, p, dev, dt)  # (M + P, N)
-                fitted = g[m:].T @ x_new  # (b, N, e) the new vectors' share
-                if torch.compiler.is_compiling() or not bool(has.all()):  # compiled: no data-dependent branch
-                    first = self.cache.regression(0, p, dev, dt).T @ x_new  # (b, N, e) a first fit over [0, 1]
-                    fitted = torch.where(has[:, None, None], fitted, first)  # (b, N, e)
                 g_past = g[:m]  # (M, N)
                 transition = None if cfg.sticky else self.cache.transition(m, p, dev, dt)  # (N, N)
+                g_new = g[m:].T.expand(b, -1, -1)  # (b, N, P) stride 0 over b
+                if bool(has.all()):  # the steady state: every sample has an LTM and takes in P vectors,
+                    # so B_new = past + G_newᵀ X̃ is one fused op
+                    past = self.past_share(state, coef, g_past, transition)  # (b, N, e)
+                    return torch.baddbmm(past, g_new, x_new), has  # (b, N, e)
+                first = self.cache.regression(0, p, dev, dt).T  # (N, P) a first fit over [0, 1]
+                g_new = torch.where(has[:, None, None], g_new, first)  # (b, N, P)
             else:  # padding or a reset left k_i < P valid: each sample's own layout, G per distinct k
-                g_new = torch.zeros(b, p, cfg.n_basis, device=dev, dtype=dt)  # (b, P, N) zero rows: invalid slots
+                g_rows = torch.zeros(b, p, cfg.n_basis, device=dev, dtype=dt)  # (b, P, N) zero rows: invalid slots
                 g_past = torch.zeros(b, m, cfg.n_basis, device=dev, dtype=dt)  # (b, M, N)
                 transition = None if cfg.sticky else torch.zeros(b, cfg.n_basis, cfg.n_basis, device=dev, dtype=dt)
                 for k in sorted(set(count.tolist()) - {0}):
                     rows = count == k  # (b,) the samples with k valid vectors, in their last k slots
                     gk = self.cache.regression(m, k, dev, dt)  # (M + k, N)
-                    g_new[rows & has, p - k:] = gk[m:]  # (k, N) into each such sample's last k rows
-                    g_new[rows & ~has, p - k:] = self.cache.regression(0, k, dev, dt)  # (k, N) a first fit
+                    g_rows[rows & has, p - k:] = gk[m:]  # (k, N) into each such sample's last k rows
+                    g_rows[rows & ~has, p - k:] = self.cache.regression(0, k, dev, dt)  # (k, N) a first fit
                     g_past[rows] = gk[:m]  # (M, N)
                     if transition is not None:
                         transition[rows] = self.cache.transition(m, k, dev, dt)  # (N, N)
-                fitted = g_new.transpose(1, 2) @ x_new  # (b, N, e)
-            if cfg.sticky:
-                loc = sample_locations(state["hist"], m, cfg.sticky_sampling, rng=state.get("rng"))  # (b, M) in [0, 1]
-                centres, widths = self.cache.basis(dev)  # (N,), (N,)
-                psi = basis_values(loc.to(dt), centres, widths)  # (b, M, N) ψ(t_m)
-                x_past = psi @ coef  # (b, M, e) Eq. 14
-                past = g_past.transpose(-1, -2) @ x_past  # (b, N, e)
-            else:
-                past = transition @ coef  # (b, N, e)
-            fitted = fitted + torch.where(has[:, None, None], past, torch.zeros((), device=dev, dtype=dt))  # (b, N, e)
+                g_new = g_rows.transpose(1, 2)  # (b, N, P)
+            # every path computes B_new as the steady state's one op, so that a sample's result does not
+            # depend on which path its batch took (a reset of another sample changes nothing in it)
+            past = torch.where(has[:, None, None], self.past_share(state, coef, g_past, transition),
+                               torch.zeros((), device=dev, dtype=dt))  # (b, N, e)
+            fitted = torch.baddbmm(past, g_new, x_new)  # (b, N, e)
             coef = torch.where((count > 0)[:, None, None], fitted, coef)  # (b, N, e)
         return coef, has | (count > 0)
+
+    def compiled_fit(self, valid: Tensor, count: Tensor, has: Tensor, m: int, p: int, dev: torch.device,
+                     dt: torch.dtype) -> tuple[Tensor, Tensor]:
+        """The update's fit matrices under ``torch.compile``: ``(G_newᵀ (b, N, P), T (b, N, N) or G_past
+        (b, M, N))`` per sample, chosen by ``torch.cond`` on whether every pending slot is valid.
+
+        All valid (the steady state): the cached matrices of the one layout (a first fit's G for samples
+        without LTM). Otherwise: :meth:`BasisCache.batched_fit`, each sample's own layout solved in the
+        graph (float64), which only runs when some sample has padding. The matrices are constants of
+        the loss (no gradient), so the condition needs no autograd.
+        """
+        linear = not self.config.sticky
+        b = count.shape[0]
+        consts = self.cache.layout(m, p, dev, dt, linear)  # (N, P), (N, P), (N, N) or (M, N)
+
+        def one_layout(count: Tensor, has: Tensor, g_new: Tensor, first: Tensor, other: Tensor) -> tuple[Tensor, Tensor]:
+            g_new = torch.where(has[:, None, None], g_new, first)  # (b, N, P)
+            return g_new, other.expand(b, -1, -1).clone()  # (b, N, P), (b, N, N) or (b, M, N)
+
+        def per_sample(count: Tensor, has: Tensor, *consts: Tensor) -> tuple[Tensor, Tensor]:
+            g_new, other = self.cache.batched_fit(count, has, m, p, linear)  # float64
+            return g_new.to(dt).contiguous(), other.to(dt).contiguous()  # (b, N, P), (b, N, N) or (b, M, N)
+
+        return torch.cond(valid.all(), one_layout, per_sample, (count, has, *consts))
+
+    def past_share(self, state: MemoryState, coef: Tensor, g_past: Tensor, transition: Tensor | None) -> Tensor:
+        """The old signal's share of the refit (b, N, e): G_pastᵀ X_past with X_past = B ψ(t_m) sampled
+        at the sticky locations (Eq. 14), or ``transition`` @ B (one N×N matrix) with linear spacing.
+        ``g_past`` (M, N) or (b, M, N), ``transition`` (N, N), (b, N, N) or None (sticky)."""
+        if transition is not None:
+            return transition @ coef  # (b, N, e)
+        cfg = self.config
+        loc = sample_locations(state["hist"], cfg.samples_per_update, cfg.sticky_sampling, rng=state.get("rng"))  # (b, M)
+        centres, widths = self.cache.basis(coef.device)  # (N,), (N,)
+        psi = basis_values(loc.to(coef.dtype), centres, widths)  # (b, M, N) ψ(t_m)
+        x_past = psi @ coef  # (b, M, e) Eq. 14
+        return g_past.transpose(-1, -2) @ x_past  # (b, N, e)
 
     # -- read (Eqs. 8–12, 16, 20–21) -------------------------------------------------------------
     def read_ltm(self, coef: Tensor, q: Tensor) -> tuple[Tensor, Tensor, Tensor]:

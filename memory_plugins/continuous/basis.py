@@ -24,7 +24,6 @@ from torch import Tensor, nn
 _LOG_SQRT_2PI = 0.5 * math.log(2.0 * math.pi)
 PAD_EXTENT = 0.5  # with ``pad``: zero targets on [-0.5, 0) and (1, 1.5] at the fit's mean density ...
 PAD_WEIGHT = 0.25  # ... each weighing this much against a real vector (measured: docs/continuous.md)
-FIT_TABLE_BYTES = 64 * 2**20  # largest per-count table a compiled update gathers from (BasisCache.fit_table)
 
 
 def rbf_basis(n_basis: int, widths: tuple[float, ...], dtype: torch.dtype = torch.float64) -> tuple[Tensor, Tensor]:
@@ -228,47 +227,58 @@ class BasisCache(nn.Module):
 
         return self._buffer(name, build, device, dtype)
 
-    @torch.compiler.assume_constant_result  # compiled: run (and built) while tracing, a constant in the graph
-    def fit_table(self, num_past: int, num_new: int, device: torch.device, dtype: torch.dtype,
-                  transition: bool) -> tuple[Tensor, Tensor, Tensor, Tensor | None] | None:
-        """Every layout's matrices at once, to be gathered by each sample's count k of valid new vectors
-        (k = 0 … P), for an update without a data-dependent branch (``torch.compile``).
+    @torch.compiler.assume_constant_result  # compiled: built (once) while tracing, constants of the graph
+    def layout(self, num_past: int, num_new: int, device: torch.device, dtype: torch.dtype,
+               transition: bool) -> tuple[Tensor, Tensor, Tensor]:
+        """``(G_newᵀ (N, P), a first fit's Gᵀ (N, P), T (N, N) or G_past (M, N))`` of one layout, as
+        separate tensors (no views of one another), for a compiled update (:meth:`regression`,
+        :meth:`transition`; a buffer built lazily inside the graph would break it)."""
+        g = self.regression(num_past, num_new, device, dtype)  # (M + P, N)
+        other = self.transition(num_past, num_new, device, dtype) if transition else g[:num_past].clone()
+        return g[num_past:].T.contiguous(), self.regression(0, num_new, device, dtype).T.contiguous(), other
 
-        Returns ``(new (P+1, P, N), past (P+1, M, N), first (P+1, P, N), transition (P+1, N, N) or None)``:
-        ``new[k]`` holds the new-vector rows of G for M past samples and k new vectors in its last k rows
-        (zeros above: the invalid, left slots of a right-aligned sample), ``past[k]`` its past rows,
-        ``first[k]`` the rows of a first fit of k vectors over [0, 1], ``transition[k]`` T for k (see
-        :meth:`transition`); row k = 0 is zero. The same float32 values as :meth:`regression` gives per
-        layout, so a gathered fit equals the per-layout one. None when the tables would exceed
-        :data:`FIT_TABLE_BYTES` (callers then fit per layout, with a host sync).
+    def batched_fit(self, count: Tensor, has: Tensor, num_past: int, num_new: int,
+                    transition: bool) -> tuple[Tensor, Tensor]:
+        """Every sample's own fit matrices at once, for P right-aligned slots of which sample i's last
+        k_i are valid (``count`` (b,)), as a past update (``has`` (b,) True) or a first fit over [0, 1].
+
+        Returns ``(g_new (b, N, P), other)`` in float64: g_new[i] is G_newᵀ of sample i's layout (zero
+        columns for its invalid slots); ``other`` is the transition T (b, N, N) with ``transition``, else
+        the past rows G_past (b, M, N). The same matrices as :meth:`regression` / :meth:`transition`
+        per layout, solved here per sample (float64 Cholesky) without a host sync or a data-dependent
+        branch: what a compiled update runs when some sample has padding (``torch.cond``).
         """
-        num_past, num_new, n = int(num_past), int(num_new), self.n_basis
-        size = (num_new + 1) * ((num_past + 2 * num_new) * n + (n * n if transition else 0))
-        if size * dtype.itemsize > FIT_TABLE_BYTES:
-            return None
-        name = f"table_{num_past}_{num_new}_{str(dtype).split('.')[-1]}"
-
-        def build_fits() -> Tensor:
-            c, w = rbf_basis(self.n_basis, self.widths)  # (N,), (N,) float64
-            out = torch.zeros(num_new + 1, num_past + 2 * num_new, n, dtype=torch.float64)  # (P+1, M+2P, N)
-            for k in range(1, num_new + 1):
-                g = regression_matrix(fit_positions(num_past, k, self.tau), c, w, self.ridge, self.pad)  # (M+k, N)
-                out[k, :num_past] = g[:num_past]  # (M, N) past rows
-                out[k, num_past + num_new - k: num_past + num_new] = g[num_past:]  # (k, N) right-aligned
-                out[k, num_past + 2 * num_new - k:] = regression_matrix(fit_positions(0, k, self.tau), c, w,
-                                                                        self.ridge, self.pad)  # (k, N) first fit
-            return out
-
-        def build_transitions() -> Tensor:
-            c, w = rbf_basis(self.n_basis, self.widths)  # (N,), (N,) float64
-            psi = basis_values(cell_centres(num_past, 0.0, 1.0), c, w)  # (M, N)
-            fits = build_fits()  # (P+1, M+2P, N)
-            return fits[:, :num_past].transpose(1, 2) @ psi  # (P+1, N, N)
-
-        fits = self._buffer(name, build_fits, device, dtype)  # (P+1, M+2P, N)
-        trans = self._buffer("T" + name, build_transitions, device, dtype) if transition else None  # (P+1, N, N)
-        m, p = num_past, num_new
-        return fits[:, m:m + p], fits[:, :m], fits[:, m + p:], trans
+        dt, dev = torch.float64, count.device
+        m, p, b = int(num_past), int(num_new), count.shape[0]
+        c, w = (t.to(dev) for t in rbf_basis(self.n_basis, self.widths))  # (N,), (N,) float64
+        var = w * w  # (N,)
+        k = count.to(dt)  # (b,)
+        rank = torch.arange(p, device=dev, dtype=dt) - (p - k[:, None])  # (b, P) rank among the valid slots
+        frac = (rank + 0.5) / k.clamp_min(1.0)[:, None]  # (b, P) cell centres of [0, 1]
+        t_new = torch.where(has[:, None], self.tau + (1.0 - self.tau) * frac, frac)  # (b, P)
+        f_new = gaussian(t_new[..., None], c, var) * (rank >= 0).to(dt)[..., None]  # (b, P, N) zero rows: invalid
+        f_past = gaussian(cell_centres(m, 0.0, self.tau, dt).to(dev)[:, None], c, var)  # (M, N)
+        a = f_new.transpose(1, 2) @ f_new  # (b, N, N)
+        a = a + has.to(dt)[:, None, None] * (f_past.T @ f_past)  # (b, N, N) past samples, with an LTM only
+        a = a + self.ridge * torch.eye(self.n_basis, device=dev, dtype=dt)  # (b, N, N)
+        if self.pad:  # Z_i = ⌈L_i·extent⌉ zeros each side at sample i's density (padding_positions)
+            points = k + m * has.to(dt)  # (b,) L_i
+            z = torch.ceil(points * PAD_EXTENT - 1e-9).clamp_min(1.0)  # (b,)
+            z_max = max(1, math.ceil((m + p) * PAD_EXTENT - 1e-9))
+            i = torch.arange(z_max, device=dev, dtype=dt)  # (Z,)
+            cell = PAD_EXTENT * (i + 0.5) / z[:, None]  # (b, Z)
+            weight = PAD_WEIGHT * (i < z[:, None]).to(dt)  # (b, Z) the unused points weigh nothing
+            for t_z in (cell - PAD_EXTENT, 1.0 + cell):  # left, right (b, Z)
+                f_z = gaussian(t_z[..., None], c, var)  # (b, Z, N)
+                a = a + f_z.transpose(1, 2) @ (weight[..., None] * f_z)  # (b, N, N)
+        chol = torch.linalg.cholesky_ex(a)[0]  # (b, N, N) lower; SPD by construction (λ > 0)
+        g_new = torch.cholesky_solve(f_new.transpose(1, 2), chol)  # (b, N, P) = ((A⁻¹ F_new)ᵀ)ᵀ
+        if transition:
+            psi = gaussian(cell_centres(m, 0.0, 1.0, dt).to(dev)[:, None], c, var)  # (M, N) where the old signal is read
+            other = torch.cholesky_solve((f_past.T @ psi).expand(b, -1, -1), chol)  # (b, N, N) T = G_pastᵀ Ψ
+        else:
+            other = torch.cholesky_solve(f_past.T.expand(b, -1, -1), chol).transpose(1, 2)  # (b, M, N) G_past
+        return g_new, other
 
     def check_stable(self, num_past: int) -> None:
         """Refuse settings whose unbounded update amplifies old content (it would overflow).

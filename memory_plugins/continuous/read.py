@@ -66,10 +66,10 @@ def gaussian_params(q: Tensor, coef: Tensor, w_k: Tensor, w_mu: Tensor, w_sigma:
     with torch.autocast(device_type=q.device.type, enabled=False):
         maps = torch.stack([w_mu.reshape(-1), w_sigma.reshape(-1)]).to(ct)  # (2, N)
         bw = torch.einsum("kN,bNe->bke", maps, coef.to(ct))  # (b, 2, e) Bᵀ w
-        kw = F.linear(bw, w_k.to(ct)).view(b, 2, h, d)  # (b, 2, h, d) K_hᵀ w
-        logits = torch.einsum("bhnd,bkhd->kbhn", q.to(ct), kw) / math.sqrt(d)  # (2, b, h, n)
-        mu = torch.sigmoid(logits[0])  # (b, h, n) Eq. 9
-        sigma2 = F.softplus(logits[1]).clamp_min(sigma2_min)  # (b, h, n) Eq. 10
+        kw = (F.linear(bw, w_k.to(ct)) / math.sqrt(d)).view(b, 2, h, d)  # (b, 2, h, d) K_hᵀ w / √d
+        logits = torch.matmul(q.to(ct), kw.permute(0, 2, 3, 1))  # (b, h, n, 2) q read in place, no copy
+        mu = torch.sigmoid(logits[..., 0])  # (b, h, n) Eq. 9
+        sigma2 = F.softplus(logits[..., 1]).clamp_min(sigma2_min)  # (b, h, n) Eq. 10
     return mu, sigma2
 
 
@@ -176,12 +176,20 @@ def query_features(mu: Tensor, sigma2: Tensor, offsets: Tensor, widths: Tensor, 
 class _Unnormalise(torch.autograd.Function):
     """z = o_V / o_extra from the SDPA output (b, h, n, D), with its exact gradient written straight
     as one contiguous (b, h, n, D) tensor (what SDPA's backward wants), instead of autograd's split,
-    division and concatenation. ∂z/∂o_V = 1/o_extra, ∂z/∂o_extra = −z/o_extra, padding columns 0."""
+    division and concatenation. ∂z/∂o_V = 1/o_extra, ∂z/∂o_extra = −z/o_extra, padding columns 0.
+
+    Eager, z (b, h, n, d) is returned as a view of a (b, n, h, d) buffer: the heads' concatenation that
+    W_O reads, (b, n, h·d), is then a free view instead of a transposed copy."""
 
     @staticmethod
     def forward(ctx, out: Tensor, head_dim: int) -> Tensor:  # type: ignore[override]
         r = out[..., head_dim : head_dim + 1].reciprocal()  # (b, h, n, 1) 1/o_extra = 1 + Σ_j exp ℓ_j
-        z = out[..., :head_dim] * r  # (b, h, n, d)
+        if torch.compiler.is_compiling():  # the compiler picks layouts itself (and refuses strided out=)
+            z = out[..., :head_dim] * r  # (b, h, n, d)
+        else:
+            b, h, n, _ = out.shape
+            z = out.new_empty(b, n, h, head_dim).transpose(1, 2)  # (b, h, n, d) strides of (b, n, h, d)
+            torch.mul(out[..., :head_dim], r, out=z)  # (b, h, n, d)
         ctx.save_for_backward(z, r)
         ctx.attn_dim = out.shape[-1]
         return z
