@@ -98,8 +98,10 @@ def _segment_peak_bytes(model: mp.MemoryModel, state: dict, args: argparse.Names
     return tracker.peak
 
 
-def _state_bytes(states: dict) -> int:
-    return sum(t.numel() * t.element_size() for s in states.values() if s is not None for t in s.values())
+def _state_bytes(state: dict) -> int:
+    """Bytes of the tensors of a ``memory_state()`` (format 2: per-layer dicts under "layers")."""
+    layers = state["layers"] if "layers" in state else state  # a 0.1 flat state: layer → dict
+    return sum(t.numel() * t.element_size() for s in layers.values() if s is not None for t in s.values())
 
 
 def _measure(models: list[mp.MemoryModel], states: list[dict], args: argparse.Namespace,

@@ -122,9 +122,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     xl = next((r for r in rows if r["memory"] == "xl"), None)
     for row in rows:
         row["ratio_to_xl"] = row["step_ms"] / xl["step_ms"] if xl else None
-    print(f"{'memory':<12}{'step ms':>10}{'÷ xl':>8}{'aten ops':>10}" + ("  compiled ms  breaks  |Δloss|" if args.compile else ""))
+    cuda = device.type == "cuda"
+    print(f"{'memory':<12}{'step ms':>10}{'÷ xl':>8}{'aten ops':>10}" + (f"{'launches':>10}" if cuda else "")
+          + ("  compiled ms  breaks  |Δloss|" if args.compile else ""))
     for row in rows:
         line = f"{row['memory']:<12}{row['step_ms']:>10.1f}{(row['ratio_to_xl'] or 0):>8.2f}{row['aten_ops']:>10}"
+        line += f"{row['kernel_launches']:>10}" if cuda else ""
         if args.compile:
             line += f"  {row['compiled_step_ms']:>11.1f}  {row['graph_breaks']:>6}  {row['max_loss_diff']:.1e}"
         print(line)
