@@ -14,10 +14,10 @@ export PYTHONUNBUFFERED=1
 export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD
 if [ "${SMALL:-0}" = 1 ]; then  # toy sizes: checks that every step runs, not a measurement
   SORT="--batch 2 --segment 64 --dim 48 --heads 6 --basis 32"; READ="--shapes small --repeats 2 --warmup 1"
-  STEPS="--repeats 2"; SCALE="--contexts 1e3 1e4 --segment 64 --dim 32 --n-basis 32 --repeats 2"; TESTS="tests/test_continuous_read.py"
+  STEPS="--repeats 2"; MODULE="--batch 2 --segment 64 --dim 48 --basis 64 --repeats 2"; SCALE="--contexts 1e3 1e4 --segment 64 --dim 32 --n-basis 32 --repeats 2"; TESTS="tests/test_continuous_read.py"
 else
   SORT="--batch 8 --segment 1024 --dim 300 --heads 6 --basis 512"; READ="--repeats 25"
-  STEPS="--repeats 20"; SCALE="--contexts 1e3 1e4 1e5 1e6 --segment 256 --dim 128 --repeats 15"
+  STEPS="--repeats 20"; MODULE="--repeats 15"; SCALE="--contexts 1e3 1e4 1e5 1e6 --segment 256 --dim 128 --repeats 15"
   TESTS="tests/test_continuous_read.py tests/test_continuous.py tests/test_continuous_fit.py tests/test_compile.py"
 fi
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null || echo "no nvidia-smi"
@@ -32,7 +32,10 @@ for dt in fp32 bf16; do
   timeout 200 $PY -m benchmarks.continuous_step --device "$DEVICE" $SORT $STEPS --dtype $dt --compile \
     --out "$OUT/step_$dt.json" 2>&1 | grep -v "^USDT" | tee -a "$OUT/step.log"
 done
-# 3. per-segment time and peak memory as the context grows (goal: 10^6 ÷ 10^3 ≤ 1.05)
+# 3. the module alone at the sorting sizes (time, peak memory; the issue compares it with the authors' release)
+timeout 90 $PY -m benchmarks.continuous_module --device "$DEVICE" $MODULE --out "$OUT/module_fp32.json" 2>&1 | tee "$OUT/module.log"
+timeout 60 $PY -m benchmarks.continuous_module --device "$DEVICE" $MODULE --autocast bf16 --out "$OUT/module_bf16.json" 2>&1 | tee -a "$OUT/module.log"
+# 4. per-segment time and peak memory as the context grows (goal: 10^6 ÷ 10^3 ≤ 1.05)
 timeout 120 $PY -m benchmarks.continuous_scaling --device "$DEVICE" $SCALE --out "$OUT/scaling.json" 2>&1 | tee "$OUT/scaling.log"
-# 4. the continuous memory's tests and the compile tests on the device
+# 5. the continuous memory's tests and the compile tests on the device
 MEMORY_PLUGINS_TEST_DEVICE=$DEVICE timeout 200 $PY -m pytest -q -p no:cacheprovider $TESTS 2>&1 | tail -30 | tee "$OUT/pytest.log"
