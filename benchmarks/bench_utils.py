@@ -1,12 +1,26 @@
-"""What the benchmark scripts share: waiting for the device before reading a clock, and writing the result."""
+"""What the benchmark scripts share: their shape options, waiting for the device before reading a clock,
+and writing the result."""
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 from typing import Any
 
 import torch
+
+
+def add_shape_args(p: argparse.ArgumentParser, batch: int, segment: int, dim: int, heads: int, basis: int,
+                   basis_help: str = "N, basis functions") -> None:
+    """--device, --batch (b), --segment (n), --dim (e), --heads (h), --basis (N) and --threads."""
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--batch", type=int, default=batch)
+    p.add_argument("--segment", type=int, default=segment)
+    p.add_argument("--dim", type=int, default=dim)
+    p.add_argument("--heads", type=int, default=heads)
+    p.add_argument("--basis", type=int, default=basis, help=basis_help)
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
 
 
 def sync(device: torch.device) -> None:

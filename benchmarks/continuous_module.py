@@ -31,7 +31,7 @@ import time
 import torch
 from torch import nn
 
-from benchmarks.bench_utils import sync, write_result
+from benchmarks.bench_utils import add_shape_args, sync, write_result
 from benchmarks.continuous_scaling import TensorPeak
 from memory_plugins.continuous import ContinuousConfig, ContinuousMemory
 from memory_plugins.interface import AttentionDims
@@ -88,18 +88,12 @@ def peak(fn, device: torch.device) -> dict[str, float | None]:  # type: ignore[n
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--segment", type=int, default=1024)
-    p.add_argument("--dim", type=int, default=300)
-    p.add_argument("--heads", type=int, default=6)
-    p.add_argument("--basis", type=int, default=512)
+    add_shape_args(p, batch=8, segment=1024, dim=300, heads=6, basis=512)
     p.add_argument("--sticky", action="store_true")
     p.add_argument("--read-impl", choices=["sdpa", "dense"], default="sdpa", help="ContinuousConfig.read_impl")
     p.add_argument("--autocast", choices=["bf16"], default=None)
     p.add_argument("--repeats", type=int, default=9)
     p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--threads", type=int)
     p.add_argument("--out", default="benchmarks/results/continuous_module.json")
     args = p.parse_args(argv)
     if args.threads:

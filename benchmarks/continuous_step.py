@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
 import memory_plugins as mp
-from benchmarks.bench_utils import sync, write_result
+from benchmarks.bench_utils import add_shape_args, sync, write_result
 from memory_plugins.models import ReferenceDecoder
 
 VOCAB = 256
@@ -77,18 +77,12 @@ def operators(model: torch.nn.Module, opt: torch.optim.Optimizer, tokens: torch.
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--segment", type=int, default=256)
-    p.add_argument("--dim", type=int, default=192)
-    p.add_argument("--heads", type=int, default=6)
+    add_shape_args(p, batch=4, segment=256, dim=192, heads=6, basis=256, basis_help="N for continuous; mem_len for xl")
     p.add_argument("--depth", type=int, default=2)
-    p.add_argument("--basis", type=int, default=256, help="N for continuous; mem_len for xl")
     p.add_argument("--repeats", type=int, default=15)
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     p.add_argument("--memories", nargs="*", default=["none", "xl", "continuous"])
     p.add_argument("--compile", action="store_true", help="also time the step under torch.compile")
-    p.add_argument("--threads", type=int)
     p.add_argument("--out", default="benchmarks/results/continuous_step.json")
     args = p.parse_args(argv)
     if args.threads:
