@@ -7,6 +7,9 @@ of n vectors x (b, n, e) and the host's queries q (b, h, n, d), starting from th
 stream: every sample has an LTM and n vectors pending. A step is the update (gate, refit), the read
 (μ, σ², the Gaussian read, W_O), the KL term and the new state. Measured in interleaved rounds:
 
+Each ``--read-impls`` entry (the fused SDPA read and the dense reference by default) is a module with
+the same weights and data; all are timed in the same interleaved rounds.
+
 * forward: one step under ``torch.no_grad()`` (what evaluation pays);
 * forward + backward: one step in training mode and the backward of a fixed random functional of the
   read plus the KL (what training pays; the gradients reach every parameter of the module);
@@ -17,7 +20,6 @@ These are the figures issue 10 compares with the authors' release (there, at b 8
 6 heads, N 512 on an H200: 151 MiB forward and 432 MiB forward + backward for this module).
 
     python -m benchmarks.continuous_module --threads 1                   # CPU, the paper's sorting sizes
-    python -m benchmarks.continuous_module --threads 1 --read-impl dense --out runs/continuous_module_dense.json
     python -m benchmarks.continuous_module --device cuda --autocast bf16
 """
 
@@ -39,12 +41,14 @@ from memory_plugins.interface import AttentionDims
 MIB = 2**20
 
 
-def build(args: argparse.Namespace, device: torch.device) -> tuple[ContinuousMemory, dict, torch.Tensor, torch.Tensor]:
-    """The module, a steady-state memory state and one segment (x (b, n, e), q (b, h, n, d))."""
+def build(args: argparse.Namespace, device: torch.device,
+          read_impl: str) -> tuple[ContinuousMemory, dict, torch.Tensor, torch.Tensor]:
+    """The module, a steady-state memory state and one segment (x (b, n, e), q (b, h, n, d)); the same
+    weights and data for every ``read_impl``."""
     torch.manual_seed(0)
     d = args.dim // args.heads
     config = ContinuousConfig(n_basis=args.basis, stm_len=0, zero_init_output=False, sticky=args.sticky,
-                              read_impl=args.read_impl)
+                              read_impl=read_impl)
     mem = ContinuousMemory(config, AttentionDims(args.dim, args.heads, d), nn.ModuleDict()).to(device)
     g = torch.Generator().manual_seed(0)
     segs = [torch.randn(args.batch, args.segment, args.dim, generator=g).to(device) for _ in range(3)]  # (b, n, e)
@@ -90,7 +94,8 @@ def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_shape_args(p, batch=8, segment=1024, dim=300, heads=6, basis=512)
     p.add_argument("--sticky", action="store_true")
-    p.add_argument("--read-impl", choices=["sdpa", "dense"], default="sdpa", help="ContinuousConfig.read_impl")
+    p.add_argument("--read-impls", nargs="+", choices=["sdpa", "dense"], default=["sdpa", "dense"],
+                   help="ContinuousConfig.read_impl of each module measured (interleaved)")
     p.add_argument("--autocast", choices=["bf16"], default=None)
     p.add_argument("--repeats", type=int, default=9)
     p.add_argument("--warmup", type=int, default=2)
@@ -100,10 +105,14 @@ def main(argv: list[str] | None = None) -> dict:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     autocast = torch.bfloat16 if args.autocast == "bf16" else None
-    mem, state, x, q = build(args, device)
-    grad_out = torch.randn(x.shape, generator=torch.Generator().manual_seed(1)).to(device)  # (b, n, e)
-    variants = {"forward": lambda: forward(mem, state, x, q, autocast),
-                "forward_backward": lambda: forward_backward(mem, state, x, q, autocast, grad_out)}
+    variants, states = {}, {}
+    for impl in args.read_impls:
+        mem, state, x, q = build(args, device, impl)
+        grad_out = torch.randn(x.shape, generator=torch.Generator().manual_seed(1)).to(device)  # (b, n, e)
+        variants[f"{impl} forward"] = lambda m=mem, s=state, x=x, q=q: forward(m, s, x, q, autocast)
+        variants[f"{impl} forward_backward"] = lambda m=mem, s=state, x=x, q=q, g=grad_out: forward_backward(
+            m, s, x, q, autocast, g)
+        states[impl] = state
     times: dict[str, list[float]] = {k: [] for k in variants}
     order, rng = list(variants), random.Random(0)
     for r in range(args.warmup + args.repeats):
@@ -118,11 +127,12 @@ def main(argv: list[str] | None = None) -> dict:
     rows = {name: {"ms_median": statistics.median(t), "ms_all": t, **peak(variants[name], device)}
             for name, t in times.items()}
     print(f"continuous module, b {args.batch}, n {args.segment}, e {args.dim}, h {args.heads}, N {args.basis}, "
-          f"sticky {args.sticky}, read {args.read_impl}, {device}, autocast {args.autocast}, threads {torch.get_num_threads()}")
-    print(f"{'':<18}{'ms':>10}{'tensor peak MiB':>17}{'CUDA peak MiB':>15}")
+          f"sticky {args.sticky}, {device}, autocast {args.autocast}, threads {torch.get_num_threads()}")
+    print(f"{'':<24}{'ms':>10}{'tensor peak MiB':>17}{'CUDA peak MiB':>15}")
     for name, row in rows.items():
         cuda = f"{row['cuda_peak_mib']:.1f}" if row["cuda_peak_mib"] is not None else "-"
-        print(f"{name:<18}{row['ms_median']:>10.1f}{row['tensor_peak_mib']:>17.1f}{cuda:>15}")
+        print(f"{name:<24}{row['ms_median']:>10.1f}{row['tensor_peak_mib']:>17.1f}{cuda:>15}")
+    state = states[args.read_impls[0]]
     result = {"args": vars(args), "torch": torch.__version__, "threads": torch.get_num_threads(), "rows": rows,
               "state_mib": sum(t.numel() * t.element_size() for t in state.values()) / MIB}
     return write_result(result, args.out)

@@ -22,6 +22,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from memory_plugins.continuous.read import (
     CHUNK_HALF_WIDTH,
     expected_values_sdpa,
+    extra_logit,
     feature_layout,
     gaussian_read,
 )
@@ -180,7 +181,7 @@ def test_sdpa_and_dense_paths_agree() -> None:
 
 
 def test_hand_written_backwards_pass_gradcheck() -> None:
-    """The features' and the un-normalisation's hand-written backwards against finite differences (float64)."""
+    """The features' and the rescaling's hand-written backwards against finite differences (float64)."""
     gen = make_generator(9)
     centres, widths = grid(12, (0.05, 0.2))
     mu = torch.rand(2, 2, 5, generator=gen, device=DEVICE, dtype=torch.float64).requires_grad_()  # (b, h, n)
@@ -260,10 +261,10 @@ def test_sdpa_read_never_materialises_queries_by_basis(impl: str) -> None:
 @pytest.mark.parametrize("d, widths, c", [(8, (0.01, 0.05), 32), (32, (0.01, 0.05), 128), (50, (0.01, 0.05), 256),
                                           (64, (0.005, 0.01), 256), (4, (0.5,), 3)])
 def test_feature_layout(d: int, widths: tuple[float, ...], c: int) -> None:
-    """D holds the features and the d + 1 value columns, is a multiple of 4 (CUDA's fp32 kernels), and
-    the chunks are narrow enough for the accuracy bound."""
+    """D holds the features, the extra key's logit column and the d value columns, is a multiple of 4
+    (CUDA's fp32 kernels), and the chunks are narrow enough for the accuracy bound."""
     dim, k = feature_layout(d, len(widths), c, min(widths))
-    assert dim % 4 == 0 and dim >= d + 1 and dim >= len(widths) * (2 * k + 1)
+    assert dim % 4 == 0 and dim >= d and dim >= len(widths) * (2 * k + 2)
     assert 1 <= k <= c
     assert k == c or 1.0 / k <= 2 * CHUNK_HALF_WIDTH * min(widths)
 
@@ -275,3 +276,16 @@ def test_bad_arguments_are_refused() -> None:
     v = torch.zeros(1, 1, 9, 4, device=DEVICE)  # (b, h, N, d) with N ≠ W·C
     with pytest.raises(ValueError, match="centres"):
         expected_values_sdpa(torch.rand(1, 1, 2, device=DEVICE), torch.rand(1, 1, 2, device=DEVICE), v, *grid(8, (0.05,)))
+
+
+@pytest.mark.parametrize("num_centres, widths", [(256, (0.01, 0.05)), (512, (0.005, 0.01)), (8, (0.5,))])
+def test_extra_key_logit_dwarfs_every_normaliser(num_centres: int, widths: tuple[float, ...]) -> None:
+    """z = e^L · o is the plain sum up to the factor 1 + Σ_j exp(ℓ_j − L): below 1e-9 for every query,
+    the densest included (μ on a centre, σ² at the clamp, the narrowest width)."""
+    centres, w = grid(num_centres, widths)
+    logit = extra_logit(num_centres * len(widths), min(widths))
+    mu = torch.linspace(-0.05, 1.05, 2001, device=DEVICE, dtype=torch.float64)  # (Q,) μ ∈ [0, 1], and past it
+    var = SIGMA2_MIN + w.double() ** 2  # (W,) the narrowest variance each width allows
+    dens = torch.exp(-((mu[:, None, None] - centres.double()[None, None, :]) ** 2) / (2 * var[None, :, None]))
+    dens = dens / torch.sqrt(2 * math.pi * var)[None, :, None]  # (Q, W, C) every key's density
+    assert (dens.sum(dim=(1, 2)) * math.exp(-logit)).max() < 1e-9

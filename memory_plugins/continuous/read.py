@@ -2,7 +2,7 @@
 
 Notation: b batch, h heads, n queries, d head dim, e model dim, N = W·C basis functions (W distinct
 widths w_g, C centres c_j evenly spaced in [0, 1], width-major), Q = b·h·n queries in all, K centre
-chunks, D the attention's last dim (q̃, k̃ and the values, zero-padded: D ≥ d + 1 and D ≥ W·(2K + 1)).
+chunks, D the attention's last dim (q̃, k̃ and the values, zero-padded: D ≥ d and D ≥ W·(2K + 2)).
 
 The read of query i in head h is z = Σ_j E_p[ψ_j] V_j with p = 𝒩(μ, σ²) and (Eq. 11)
 
@@ -19,11 +19,15 @@ features: K α's and K β's (one per chunk) and one γ (−1/(2v) does not depen
 fills only its group's block, with 1 in its chunk's α, u in its β and u² in γ. K is set by the
 narrowest width, then raised to fill the padding.
 
-SDPA normalises by Σ_j exp(q̃·k̃_j); the read needs the plain sum. One extra key with zero features
-(logit 0) and a value column that is 1 only for it gives o_extra = 1/(1 + Σ_j exp ℓ_j), so
-z = o_V / o_extra, with exact gradients through SDPA's own backward (the hand-written backward of
-:class:`_Unnormalise` only differentiates that division). SDPA's backward ignores its returned
-log-sum-exp, so un-normalising with it would give wrong gradients.
+SDPA normalises by Σ_j exp(q̃·k̃_j); the read needs the plain sum. One extra key with a known logit L
+and a zero value, L far above every log density (:func:`extra_logit`), makes the normaliser
+e^L + Σ_j exp ℓ_j = e^L (1 + ε) with ε < e⁻²³ ≈ 1e-10, so z = e^L · o: a constant rescaling of
+SDPA's output, differentiated exactly by SDPA's own backward (the function computed is e^L · o; it
+differs from the ideal read by the relative ε). The logit comes from one feature column that is 1 in
+every query and L in the extra key alone. No value column is spent on the normaliser, so D is d
+whenever the features fit (D = 32 for d = 32 with the paper's widths). SDPA's backward ignores its
+returned log-sum-exp, so un-normalising with it would give wrong gradients; the constant e^L needs
+no gradient.
 
 Precision: features, SDPA and the un-normalisation run in float32 (float64 for float64 inputs), with
 autocast off: bf16 logits of size 1e3 would be meaningless. The value projection follows autocast (as
@@ -89,14 +93,21 @@ def feature_layout(head_dim: int, num_widths: int, num_centres: int, min_width: 
     """(D, K): the attention's last dim and the number of centre chunks.
 
     Accuracy needs chunks no wider than 2·CHUNK_HALF_WIDTH·w_min (the narrowest width sets the size of
-    the cancelling terms). D holds the d + 1 value columns and W blocks of D/W ≥ 2K + 1 features; it is
-    a multiple of 4 (CUDA's fp32 kernels) and of W (equal blocks), as small as allowed. K then fills
-    the blocks (at most C chunks: one centre each).
+    the cancelling terms). D holds the d value columns and W blocks of D/W ≥ 2K + 2 columns (2K + 1
+    features; the last column of the last block is the extra key's logit column); it is a multiple of
+    4 (CUDA's fp32 kernels) and of W (equal blocks), as small as allowed. K then fills the blocks (at
+    most C chunks: one centre each).
     """
     k_min = min(num_centres, math.ceil(1.0 / (2.0 * CHUNK_HALF_WIDTH * min_width) - 1e-6))  # w_min in fp32 or not
     step = 4 * num_widths // math.gcd(4, num_widths)  # lcm(4, W)
-    dim = step * math.ceil(max(head_dim + 1, num_widths * (2 * k_min + 1)) / step)
-    return dim, min(num_centres, (dim // num_widths - 1) // 2)
+    dim = step * math.ceil(max(head_dim, num_widths * (2 * k_min + 2)) / step)
+    return dim, min(num_centres, (dim // num_widths - 2) // 2)
+
+
+def extra_logit(n_basis: int, min_width: float) -> float:
+    """L, the extra key's logit: e^L ≥ e²³ · Σ_j exp ℓ_j for any query. Each log density is at most
+    −½ log(2π w_min²) (v = σ² + w² ≥ w_min²), so the sum is at most N times that density."""
+    return math.log(n_basis) - math.log(min_width) - 0.5 * math.log(2.0 * math.pi) + 23.0
 
 
 def chunk_offsets(centres: Tensor, num_chunks: int) -> tuple[Tensor, Tensor]:
@@ -111,12 +122,14 @@ def chunk_offsets(centres: Tensor, num_chunks: int) -> tuple[Tensor, Tensor]:
     return chunk, 0.5 * (lo + hi)  # (C,), (K,)
 
 
-def key_features(centres: Tensor, chunk: Tensor, offsets: Tensor, num_widths: int, dim: int) -> Tensor:
-    """k̃ for the N basis keys plus the extra (all-zero) key: (N + 1, D).
+def key_features(centres: Tensor, chunk: Tensor, offsets: Tensor, num_widths: int, dim: int,
+                 logit: float) -> Tensor:
+    """k̃ for the N basis keys plus the extra key: (N + 1, D).
 
     Width group g owns the block of columns g·D/W + [0, D/W): [0, K) the α's (one per chunk), [K, 2K)
     the β's, 2K the γ shared by its chunks, the rest padding. Key j = g·C + c of chunk k holds 1 in
-    α_k, u = c_j − a_k in β_k and u² in γ of its group's block; every other column is 0.
+    α_k, u = c_j − a_k in β_k and u² in γ of its group's block; every other column is 0. The extra
+    key holds ``logit`` (L) in the last column, where every query holds 1, and 0 elsewhere.
     """
     c_count, k_count = centres.numel(), offsets.numel()
     u = centres - offsets[chunk]  # (C,)
@@ -126,14 +139,16 @@ def key_features(centres: Tensor, chunk: Tensor, offsets: Tensor, num_widths: in
     block[rows, k_count + chunk] = u
     block[:, 2 * k_count] = u * u
     keys = torch.block_diag(*[block] * num_widths)  # (N, D) width-major keys
-    return F.pad(keys, (0, 0, 0, 1))  # (N + 1, D) the last row is the extra key
+    extra = F.pad(centres.new_full((1, 1), logit), (dim - 1, 0))  # (1, D) L in the last column
+    return torch.cat([keys, extra])  # (N + 1, D) the last row is the extra key
 
 
 class _QueryFeatures(torch.autograd.Function):
     """q̃ (b, h, n, D) from μ, σ² (b, h, n), with a hand-written backward.
 
     Group g's block holds α_k = −x_k²/(2v) − ½ log(2πv), β_k = x_k/v (x_k = μ − a_k), γ = −1/(2v) with
-    v = σ² + w_g², then zeros. Why by hand: the features are tiny per query (D ≲ 64) and autograd's
+    v = σ² + w_g², then zeros; the last column of the last block is 1 (the extra key's logit column;
+    it carries no gradient). Why by hand: the features are tiny per query (D ≲ 64) and autograd's
     broadcasting ops over them run short inner loops and reduce in their backward; here both passes
     work on (W, D/W, Q) buffers with the Q = b·h·n queries contiguous and transpose once.
     """
@@ -149,6 +164,7 @@ class _QueryFeatures(torch.autograd.Function):
         beta = inv[:, None] * x[None]  # (W, K, Q)
         gamma = (inv * -0.5)[:, None]  # (W, 1, Q)
         pad = mu.new_zeros(num_w, dim // num_w - 2 * num_k - 1, q_count)  # (W, D/W − 2K − 1, Q)
+        pad[-1, -1] = 1.0  # the last column: 1 in every query, meets the extra key's logit L
         buf = torch.cat([alpha, beta, gamma, pad], dim=1)  # (W, D/W, Q) (no out= slices: torch.compile traces it)
         ctx.save_for_backward(inv, x)
         return buf.view(dim, q_count).T.contiguous().view(*mu.shape, dim)  # (b, h, n, D)
@@ -173,35 +189,28 @@ def query_features(mu: Tensor, sigma2: Tensor, offsets: Tensor, widths: Tensor, 
     return _QueryFeatures.apply(mu, sigma2, offsets, widths, dim)
 
 
-class _Unnormalise(torch.autograd.Function):
-    """z = o_V / o_extra from the SDPA output (b, h, n, D), with its exact gradient written straight
-    as one contiguous (b, h, n, D) tensor (what SDPA's backward wants), instead of autograd's split,
-    division and concatenation. ∂z/∂o_V = 1/o_extra, ∂z/∂o_extra = −z/o_extra, padding columns 0.
+class _Rescale(torch.autograd.Function):
+    """z = e^L · o_V from the SDPA output (b, h, n, D): its first d columns, rescaled. The gradient is
+    written straight as one contiguous (b, h, n, D) tensor (what SDPA's backward wants), zero in the
+    padding columns.
 
     Eager, z (b, h, n, d) is returned as a view of a (b, n, h, d) buffer: the heads' concatenation that
     W_O reads, (b, n, h·d), is then a free view instead of a transposed copy."""
 
     @staticmethod
-    def forward(ctx, out: Tensor, head_dim: int) -> Tensor:  # type: ignore[override]
-        r = out[..., head_dim : head_dim + 1].reciprocal()  # (b, h, n, 1) 1/o_extra = 1 + Σ_j exp ℓ_j
+    def forward(ctx, out: Tensor, head_dim: int, scale: float) -> Tensor:  # type: ignore[override]
         if torch.compiler.is_compiling():  # the compiler picks layouts itself (and refuses strided out=)
-            z = out[..., :head_dim] * r  # (b, h, n, d)
+            z = out[..., :head_dim] * scale  # (b, h, n, d)
         else:
             b, h, n, _ = out.shape
             z = out.new_empty(b, n, h, head_dim).transpose(1, 2)  # (b, h, n, d) strides of (b, n, h, d)
-            torch.mul(out[..., :head_dim], r, out=z)  # (b, h, n, d)
-        ctx.save_for_backward(z, r)
-        ctx.attn_dim = out.shape[-1]
+            torch.mul(out[..., :head_dim], scale, out=z)  # (b, h, n, d)
+        ctx.scale, ctx.pad = scale, out.shape[-1] - head_dim
         return z
 
     @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, None]:  # type: ignore[override]
-        z, r = ctx.saved_tensors  # (b, h, n, d), (b, h, n, 1)
-        d = z.shape[-1]
-        g_v = grad * r  # (b, h, n, d)
-        g_extra = -(torch.linalg.vecdot(grad, z)[..., None] * r)  # (b, h, n, 1)
-        g_pad = grad.new_zeros(*z.shape[:-1], ctx.attn_dim - d - 1)  # (b, h, n, D − d − 1)
-        return torch.cat([g_v, g_extra, g_pad], dim=-1), None  # (b, h, n, D)
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, None, None]:  # type: ignore[override]
+        return F.pad(grad * ctx.scale, (0, ctx.pad)), None, None  # (b, h, n, D)
 
 
 def expected_values_sdpa(mu: Tensor, sigma2: Tensor, v: Tensor, centres: Tensor, widths: Tensor,
@@ -221,19 +230,18 @@ def expected_values_sdpa(mu: Tensor, sigma2: Tensor, v: Tensor, centres: Tensor,
     if min_width is None:
         min_width = float(widths.min())
     dim, num_k = feature_layout(d, num_w, num_c, min_width)
+    logit = extra_logit(n_basis, min_width)  # L
     with torch.autocast(device_type=mu.device.type, enabled=False):
         cen = centres.to(ct)  # (C,)
         chunk, offsets = chunk_offsets(cen, num_k)  # (C,), (K,)
-        keys = key_features(cen, chunk, offsets, num_w, dim)  # (N + 1, D)
+        keys = key_features(cen, chunk, offsets, num_w, dim, logit)  # (N + 1, D)
         queries = query_features(mu, sigma2, offsets, widths.to(ct), dim)  # (b, h, n, D)
-        extra = torch.zeros(dim, device=v.device, dtype=ct)  # (D,)
-        extra[d] = 1.0  # the extra key's value: 1 in the normaliser's column
-        values = torch.cat([F.pad(v.to(ct), (0, dim - d)), extra.expand(b, h, 1, dim)], dim=2)  # (b, h, N + 1, D)
+        values = F.pad(v.to(ct), (0, dim - d, 0, 1))  # (b, h, N + 1, D) the extra key's value row is 0
         keys = keys.expand(b, h, -1, -1)  # (b, h, N + 1, D) stride 0 over b, h: read in place on CPU
         if keys.device.type != "cpu":  # some CUDA memory-efficient kernels mis-index stride-0 K/V (pytorch#191937)
             keys = keys.contiguous()  # (b, h, N + 1, D)
         out = F.scaled_dot_product_attention(queries, keys, values, scale=1.0)  # (b, h, n, D)
-        z = _Unnormalise.apply(out, d)  # (b, h, n, d) o_V · (1 + Σ_j exp ℓ_j)
+        z = _Rescale.apply(out, d, math.exp(logit))  # (b, h, n, d) e^L · o_V = Σ_j exp(ℓ_j) V_j
     return z.to(v.dtype)
 
 
