@@ -61,7 +61,7 @@ from ..interface import HostAttention, MemoryRead, MemoryState
 from ..registry import register_memory
 from .basis import BasisCache, basis_values, get_cache
 from .config import ContinuousConfig
-from .read import gaussian_read
+from .read import compute_dtype, gaussian_read
 from .sticky import advance_rng, attention_histogram, initial_rng, sample_locations, uniform_histogram
 
 
@@ -248,9 +248,10 @@ class ContinuousMemory(nn.Module):
         cfg = self.config
         b, h, n, d = q.shape
         centres, widths = self.cache.grid(coef.device)  # (C,), (W,) with N = C·W
+        constants = self.cache.read_constants(d, coef.device, compute_dtype(q.dtype))  # (N + 1, D), (K,)
         z, mu, sigma2 = gaussian_read(q, coef, self.to_k.weight, self.to_v.weight, self.mu_map.weight,
                                       self.sigma_map.weight, centres, widths, cfg.sigma2_min, impl=cfg.read_impl,
-                                      min_width=min(cfg.basis_widths))  # (b, h, n, d), (b, h, n), (b, h, n)
+                                      min_width=min(cfg.basis_widths), constants=constants)  # (b, h, n, d), (b, h, n), (b, h, n)
         out = self.to_out(z.transpose(1, 2).reshape(b, n, h * d).to(self.to_out.weight.dtype))  # (b, n, e) Z_LTM
         return out, mu, sigma2
 

@@ -228,6 +228,21 @@ class BasisCache(nn.Module):
         return self._buffer(name, build, device, dtype)
 
     @torch.compiler.assume_constant_result  # compiled: built (once) while tracing, constants of the graph
+    def read_constants(self, head_dim: int, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """The fused read's keys (N + 1, D) and chunk offsets (K,) for ``head_dim``, in ``dtype``
+        (:func:`.read.sdpa_constants`), built once instead of on every read."""
+        from .read import sdpa_constants  # read.py imports this module
+
+        def build(part: int) -> Callable[[], Tensor]:
+            def make() -> Tensor:
+                centres, widths = self.grid(device)  # (C,), (W,)
+                return sdpa_constants(centres.to(dtype), widths, head_dim, min(self.widths))[part]
+            return make
+
+        tag = f"{head_dim}_{str(dtype).split('.')[-1]}"
+        return self._buffer(f"read_keys_{tag}", build(0), device, dtype), self._buffer(f"read_offsets_{tag}", build(1), device, dtype)
+
+    @torch.compiler.assume_constant_result  # compiled: built (once) while tracing, constants of the graph
     def layout(self, num_past: int, num_new: int, device: torch.device, dtype: torch.dtype,
                transition: bool) -> tuple[Tensor, Tensor, Tensor]:
         """``(G_newᵀ (N, P), a first fit's Gᵀ (N, P), T (N, N) or G_past (M, N))`` of one layout, as

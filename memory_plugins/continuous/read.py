@@ -213,13 +213,26 @@ class _Rescale(torch.autograd.Function):
         return F.pad(grad * ctx.scale, (0, ctx.pad)), None, None  # (b, h, n, D)
 
 
+def sdpa_constants(centres: Tensor, widths: Tensor, head_dim: int, min_width: float) -> tuple[Tensor, Tensor]:
+    """The fused read's constants for one basis and head dim: ``(keys (N + 1, D), offsets (K,))`` in
+    the dtype of ``centres`` (C,); ``widths`` (W,). A caller that reads often caches them
+    (``BasisCache.read_constants``): building them is some twenty small ops."""
+    num_w, num_c = widths.numel(), centres.numel()
+    dim, num_k = feature_layout(head_dim, num_w, num_c, min_width)
+    chunk, offsets = chunk_offsets(centres, num_k)  # (C,), (K,)
+    keys = key_features(centres, chunk, offsets, num_w, dim, extra_logit(num_w * num_c, min_width))  # (N + 1, D)
+    return keys, offsets
+
+
 def expected_values_sdpa(mu: Tensor, sigma2: Tensor, v: Tensor, centres: Tensor, widths: Tensor,
-                         min_width: float | None = None) -> Tensor:
+                         min_width: float | None = None,
+                         constants: tuple[Tensor, Tensor] | None = None) -> Tensor:
     """z = Σ_j 𝒩(μ; c_j, σ² + w_j²) V_j through one SDPA over the N + 1 keys: (b, h, n, d).
 
     ``mu``, ``sigma2`` (b, h, n); ``v`` (b, h, N, d); ``centres`` (C,), ``widths`` (W,) the distinct
     centres and widths (N = W·C, width-major); ``min_width`` min(widths) as a float (None: read from
-    ``widths``, a device sync on a GPU). Computed in the dtype of ``mu`` (float32/64), autocast off;
+    ``widths``, a device sync on a GPU); ``constants`` :func:`sdpa_constants` of these (in the dtype
+    of ``mu``), or None to build them. Computed in the dtype of ``mu`` (float32/64), autocast off;
     returned in the dtype of ``v``.
     """
     b, h, n_basis, d = v.shape
@@ -229,12 +242,10 @@ def expected_values_sdpa(mu: Tensor, sigma2: Tensor, v: Tensor, centres: Tensor,
         raise ValueError(f"continuous read: {num_w} widths × {num_c} centres ≠ {n_basis} value rows")
     if min_width is None:
         min_width = float(widths.min())
-    dim, num_k = feature_layout(d, num_w, num_c, min_width)
     logit = extra_logit(n_basis, min_width)  # L
     with torch.autocast(device_type=mu.device.type, enabled=False):
-        cen = centres.to(ct)  # (C,)
-        chunk, offsets = chunk_offsets(cen, num_k)  # (C,), (K,)
-        keys = key_features(cen, chunk, offsets, num_w, dim, logit)  # (N + 1, D)
+        keys, offsets = constants if constants is not None else sdpa_constants(centres.to(ct), widths, d, min_width)
+        dim = keys.shape[1]  # D
         queries = query_features(mu, sigma2, offsets, widths.to(ct), dim)  # (b, h, n, D)
         values = F.pad(v.to(ct), (0, dim - d, 0, 1))  # (b, h, N + 1, D) the extra key's value row is 0
         keys = keys.expand(b, h, -1, -1)  # (b, h, N + 1, D) stride 0 over b, h: read in place on CPU
@@ -246,12 +257,12 @@ def expected_values_sdpa(mu: Tensor, sigma2: Tensor, v: Tensor, centres: Tensor,
 
 
 def expected_values_dense(mu: Tensor, sigma2: Tensor, v: Tensor, centres: Tensor, widths: Tensor,
-                          min_width: float | None = None) -> Tensor:
+                          min_width: float | None = None, constants: tuple[Tensor, Tensor] | None = None) -> Tensor:
     """The same z through the materialised E_p[ψ] (b, h, n, N) (the reference and fallback).
 
     E_p[ψ] is built in the dtype of ``mu`` with autocast off, then multiplied with ``v`` in its dtype
     (bf16 under autocast, as the read always did). Returns (b, h, n, d) in the dtype of ``v``;
-    ``min_width`` is unused (the signature matches :func:`expected_values_sdpa`).
+    ``min_width`` and ``constants`` are unused (the signature matches :func:`expected_values_sdpa`).
     """
     with torch.autocast(device_type=mu.device.type, enabled=False):
         e_psi = expected_basis_grid(mu, sigma2, centres, widths)  # (b, h, n, N) E_p[ψ], Eq. 11
@@ -260,14 +271,16 @@ def expected_values_dense(mu: Tensor, sigma2: Tensor, v: Tensor, centres: Tensor
 
 def gaussian_read(q: Tensor, coef: Tensor, w_k: Tensor, w_v: Tensor, w_mu: Tensor, w_sigma: Tensor,
                   centres: Tensor, widths: Tensor, sigma2_min: float,
-                  impl: str = "sdpa", min_width: float | None = None) -> tuple[Tensor, Tensor, Tensor]:
+                  impl: str = "sdpa", min_width: float | None = None,
+                  constants: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """The LTM read before W_O (Eqs. 8–11): ``(z (b, h, n, d), μ (b, h, n), σ² (b, h, n))``.
 
     ``q`` (b, h, n, d) the host's queries; ``coef`` (b, N, e) the LTM coefficients B; ``w_k``, ``w_v``
     (h·d, e) the key/value projections' weights; ``w_mu``, ``w_sigma`` (N,) or (1, N) the maps N → 1;
     ``centres`` (C,), ``widths`` (W,) the distinct centres and widths (``BasisCache.grid``);
     ``sigma2_min`` the clamp of σ²; ``min_width`` min(widths) as a Python float (sizes the SDPA's
-    features; None reads it from ``widths``, a device sync on a GPU). ``impl``: "sdpa" (fused
+    features; None reads it from ``widths``, a device sync on a GPU); ``constants`` the fused read's
+    :func:`sdpa_constants` (None: built per call). ``impl``: "sdpa" (fused
     attention, no (b, h, n, N) tensor) or "dense" (materialised E_p[ψ]). μ, σ² are float32 (float64
     for float64 queries); z has the dtype of the value projection (bf16 under bf16 autocast).
     """
@@ -276,4 +289,4 @@ def gaussian_read(q: Tensor, coef: Tensor, w_k: Tensor, w_v: Tensor, w_mu: Tenso
     mu, sigma2 = gaussian_params(q, coef, w_k, w_mu, w_sigma, sigma2_min)  # (b, h, n), (b, h, n)
     v = value_heads(coef, w_v, q.shape[1])  # (b, h, N, d)
     read = expected_values_sdpa if impl == "sdpa" else expected_values_dense
-    return read(mu, sigma2, v, centres, widths, min_width), mu, sigma2  # (b, h, n, d), (b, h, n), (b, h, n)
+    return read(mu, sigma2, v, centres, widths, min_width, constants), mu, sigma2  # (b, h, n, d), (b, h, n), (b, h, n)
