@@ -8,8 +8,8 @@ forward + backward + optimiser step per segment. Reported, all measured in the s
 interleaved so that machine noise hits every memory alike:
 
 * median step time and its ratio to ``xl`` (the issue's goal: continuous ≤ 1.1 × xl);
-* operators per step (torch.profiler events of one step: every ``aten::`` call on the CPU, and the
-  kernel launches on CUDA);
+* operators per step (torch.profiler events of one step: every ``aten::`` call, the compute ops among
+  them, and on CUDA the kernel launches);
 * with ``--compile``: the same step under ``torch.compile``, its time, the graph breaks that
   ``torch._dynamo.explain`` finds in one segment's forward, and the largest difference of its loss
   from eager's.
@@ -60,15 +60,28 @@ def step(model: torch.nn.Module, opt: torch.optim.Optimizer, tokens: torch.Tenso
     return loss.detach()
 
 
+NO_COMPUTE = frozenset(f"aten::{name}" for name in (  # views, metadata and allocation: no kernel of their own
+    "view", "as_strided", "reshape", "_reshape_alias", "_unsafe_view", "transpose", "t", "numpy_T", "mT", "permute",
+    "unsqueeze", "squeeze", "expand", "slice", "select", "narrow", "unfold", "flatten", "split", "unbind", "chunk",
+    "detach", "alias", "resolve_conj", "resolve_neg", "lift_fresh", "result_type", "is_nonzero", "item",
+    "_local_scalar_dense", "to", "contiguous", "matmul", "linear", "einsum", "pad", "empty", "empty_strided",
+    "empty_like", "new_empty", "new_zeros", "zeros"))
+
+
 def operators(model: torch.nn.Module, opt: torch.optim.Optimizer, tokens: torch.Tensor, device: torch.device,
               dtype: torch.dtype | None) -> dict[str, int]:
-    """aten operator calls (and CUDA kernel launches) of one step."""
+    """aten operator calls of one step: all of them, and the compute ops among them (leaf ops that are
+    not views, metadata or allocation: what runs a kernel, one launch each on a GPU); on CUDA also the
+    kernel launches the profiler saw."""
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities) as prof:
         step(model, opt, tokens, dtype)
         sync(device)
     events = prof.events()
-    out = {"aten_ops": sum(1 for e in events if e.name.startswith("aten::"))}
+    aten = [e for e in events if e.name.startswith("aten::")]
+    compute = [e for e in aten if e.name not in NO_COMPUTE
+               and not any(c.name.startswith("aten::") and c.name not in NO_COMPUTE for c in e.cpu_children)]
+    out = {"aten_ops": len(aten), "compute_ops": len(compute)}
     if device.type == "cuda":
         out["kernel_launches"] = sum(1 for e in events if e.name in ("cudaLaunchKernel", "cuLaunchKernel",
                                                                       "cudaLaunchKernelExC"))
@@ -117,10 +130,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for row in rows:
         row["ratio_to_xl"] = row["step_ms"] / xl["step_ms"] if xl else None
     cuda = device.type == "cuda"
-    print(f"{'memory':<12}{'step ms':>10}{'÷ xl':>8}{'aten ops':>10}" + (f"{'launches':>10}" if cuda else "")
+    print(f"{'memory':<12}{'step ms':>10}{'÷ xl':>8}{'aten ops':>10}{'compute':>9}" + (f"{'launches':>10}" if cuda else "")
           + ("  compiled ms  breaks  |Δloss|" if args.compile else ""))
     for row in rows:
-        line = f"{row['memory']:<12}{row['step_ms']:>10.1f}{(row['ratio_to_xl'] or 0):>8.2f}{row['aten_ops']:>10}"
+        line = f"{row['memory']:<12}{row['step_ms']:>10.1f}{(row['ratio_to_xl'] or 0):>8.2f}{row['aten_ops']:>10}{row['compute_ops']:>9}"
         line += f"{row['kernel_launches']:>10}" if cuda else ""
         if args.compile:
             line += f"  {row['compiled_step_ms']:>11.1f}  {row['graph_breaks']:>6}  {row['max_loss_diff']:.1e}"
