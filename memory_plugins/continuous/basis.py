@@ -139,10 +139,13 @@ def _canonical(device: torch.device | str) -> torch.device:
 class BasisCache(nn.Module):
     """The basis and every regression matrix one model needs, shared by all its layers.
 
-    Lives in the wrapper's ``shared`` ModuleDict; its tensors are non-persistent buffers (never in
-    ``state_dict()``) created lazily on first use, one per layout (M, P): the number of new vectors
-    varies (a short last segment, an STM that is still filling), so each count gets its own G.
-    Buffers follow the model's *device* on ``.to()`` but keep their dtype (float32, or float64 for
+    Lives in the wrapper's ``shared`` ModuleDict. The basis (centres, widths) are non-persistent
+    buffers; the matrices are built lazily on first use, one per layout (M, P): the number of new
+    vectors varies (a short last segment, an STM that is still filling), so each count gets its own G.
+    The matrices are kept in a plain dict, not as buffers: processes of one DDP job that read
+    different padding build different sets of them, and DDP's broadcast of module buffers from rank 0
+    would then fail (and would copy megabytes of constants every step). Never in ``state_dict()``.
+    Everything follows the model's *device* on ``.to()`` but keeps its dtype (float32, or float64 for
     float64 states): G in bf16 would ruin the fit.
     """
 
@@ -152,6 +155,7 @@ class BasisCache(nn.Module):
         c64, w64 = rbf_basis(n_basis, self.widths)  # (N,), (N,)
         self.register_buffer("centres", c64.float(), persistent=False)  # (N,)
         self.register_buffer("scales", w64.float(), persistent=False)  # (N,) the widths w_j
+        self.matrices: dict[str, Tensor] = {}  # name → G, T or the read's constants, built on first use
         self._checked: set[int] = set()  # values of M whose update was found stable
         self._streams = 0  # layers that asked for a stream index (next_stream)
 
@@ -167,27 +171,27 @@ class BasisCache(nn.Module):
         return text.replace(".", "p").replace("-", "m")
 
     def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> "BasisCache":
-        # Move buffers to the device ``fn`` targets, keeping their dtype (see the class docstring).
-        for name, buf in self._buffers.items():
-            if buf is not None:
-                device = fn(buf.new_empty(0)).device
-                self._buffers[name] = buf.to(device)
+        # Move buffers and matrices to the device ``fn`` targets, keeping their dtype (see the class docstring).
+        for store in (self._buffers, self.matrices):
+            for name, buf in store.items():
+                if buf is not None:
+                    store[name] = buf.to(fn(buf.new_empty(0)).device)
         return self
 
     def _buffer(self, name: str, build: Callable[[], Tensor], device: torch.device, dtype: torch.dtype) -> Tensor:
         device = _canonical(device)
-        buf = self._buffers.get(name)
+        buf = self.matrices.get(name)
         if buf is None or buf.device != device:
             buf = self._store(name, build, device, dtype)
         return buf
 
     @torch.compiler.disable
     def _store(self, name: str, build: Callable[[], Tensor], device: torch.device, dtype: torch.dtype) -> Tensor:
-        """Build and register a buffer, never inside a compiled graph (a float64 Cholesky solve per call
-        there; Dynamo breaks the graph here once, and the recompile after it finds the buffer)."""
+        """Build and keep a matrix, never inside a compiled graph (a float64 Cholesky solve per call
+        there; Dynamo breaks the graph here once, and the recompile after it finds the matrix)."""
         with torch.no_grad():
             buf = build().to(device=device, dtype=dtype)
-        self.register_buffer(name, buf, persistent=False)
+        self.matrices[name] = buf
         return buf
 
     def basis(self, device: torch.device) -> tuple[Tensor, Tensor]:
@@ -331,7 +335,7 @@ class BasisCache(nn.Module):
         self._checked.add(num_past)
 
     def extra_repr(self) -> str:
-        cached = sorted(k for k in self._buffers if k[:2] in ("G_", "T_") or "table_" in k)
+        cached = sorted(self.matrices)
         return (f"N={self.n_basis}, widths={self.widths}, ridge={self.ridge}, tau={self.tau}, pad={self.pad}, "
                 f"cached={cached}")
 

@@ -31,8 +31,14 @@ stream state) beside the base model, and ``resume_from_checkpoint`` restores bot
 the graph through the memory is cut after every step (truncated backpropagation over one segment).
 
 Several processes (DDP): build the dataset with ``batch_size = per_device_train_batch_size × W``; process
-r then reads lanes r·B … r·B + B - 1 at every step. ``dataloader_num_workers`` > 0 works (workers take
-whole steps in turn); keep ``dataloader_in_order`` True.
+r then reads lanes r·B … r·B + B - 1 at every step and keeps the memory of those lanes. This holds with
+accelerate's ``dispatch_batches`` on (its default here: process 0 reads a step as W batches and hands
+them out) or off (each process reads the stream and keeps its share), and with
+``dataloader_num_workers`` > 0 (workers take whole batches in turn); ``split_batches`` is refused.
+Checkpoints hold each process's stream state (``memory_state_{r}.safetensors``), which it takes back
+on resuming with as many processes. Where ``ddp_find_unused_parameters`` is left unset, DDP gets
+``find_unused_parameters=False`` (unless ``memory_aux_loss=False``); see
+``MemoryTrainer._build_accelerator_args`` for why.
 
 ``transformers`` is imported when :class:`MemoryTrainer` is first used; :class:`SegmentDataset` needs torch only.
 """
@@ -49,9 +55,10 @@ from torch import Tensor
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
 from memory_plugins.data import IGNORE, Document, DocumentStream, Segment
-from memory_plugins.model import MEMORY_CONFIG, MEMORY_STATE, MEMORY_WEIGHTS, MemoryModel, _load_tensors
+from memory_plugins.model import MEMORY_CONFIG, MEMORY_STATE, MEMORY_WEIGHTS, MemoryModel, _load_tensors, _save_tensors
 
 SEGMENT_KEYS = ("doc_start", "lane", "step")  # what MemoryTrainer takes out of a batch before the forward
+RANK_MEMORY_STATE = "memory_state_{}.safetensors"  # process r's stream state in a checkpoint of several processes
 _MISUSE = (
     "a SegmentDataset is read in lane order by memory_plugins.integrations.hf_trainer.MemoryTrainer (or "
     "through .batches() in your own loop), which resets each lane's memory at its document boundaries; a "
@@ -133,12 +140,26 @@ def segment_batch(segment: Segment, step: int) -> dict[str, Tensor]:
 
 
 class LaneItems(IterableDataset):
-    """The examples of a :class:`SegmentDataset`, lane by lane in step order; DataLoader workers take
-    whole steps in turn (worker w of K: steps w, w + K, ...), which an in-order DataLoader interleaves
-    back into step order."""
+    """The examples of a :class:`SegmentDataset`, lane by lane in step order. DataLoader workers take
+    whole blocks of ``block`` consecutive examples (default: one step, B lanes) in turn (worker w of
+    K: blocks w, w + K, ...), which an in-order DataLoader with batch size ``block`` interleaves back
+    into step order. When one process reads the batches of all W processes (accelerate's
+    ``dispatch_batches``), a block is one process's share of a step, the DataLoader's batch."""
 
-    def __init__(self, dataset: SegmentDataset) -> None:
+    def __init__(self, dataset: SegmentDataset, block: int | None = None) -> None:
         self.dataset = dataset
+        self.block = dataset.lanes if block is None else block
+
+    @property
+    def block(self) -> int:
+        return self._block
+
+    @block.setter
+    def block(self, block: int) -> None:
+        lanes = self.dataset.lanes
+        if isinstance(block, bool) or not isinstance(block, int) or block < 1 or lanes % block:
+            raise ValueError(f"LaneItems: block must be a positive divisor of the {lanes} lanes, got {block!r}")
+        self._block = block
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -146,11 +167,14 @@ class LaneItems(IterableDataset):
     def __iter__(self) -> Iterator[dict[str, Tensor]]:
         info = get_worker_info()
         worker, workers = (0, 1) if info is None else (info.id, info.num_workers)
+        per_step = self.dataset.lanes // self.block
         for batch in self.dataset.batches():
-            if int(batch["step"][0]) % workers != worker:
-                continue
-            for b in range(self.dataset.lanes):
-                yield {k: v[b] for k, v in batch.items()}
+            first = int(batch["step"][0]) * per_step  # the index of this step's first block
+            for block in range(first, first + per_step):
+                if block % workers != worker:
+                    continue
+                for b in range((block - first) * self.block, (block - first + 1) * self.block):
+                    yield {k: v[b] for k, v in batch.items()}
 
 
 class _StepOrder:
@@ -182,19 +206,28 @@ def _memory_model(trainer: Any, model: Any) -> MemoryModel:
     return inner
 
 
-def _load_memory(model: MemoryModel, directory: Path) -> None:
-    """Memory weights and, if saved, the stream state from a checkpoint that ``save_pretrained`` wrote."""
+def _load_memory(model: MemoryModel, directory: Path, state_file: str = MEMORY_STATE) -> None:
+    """Memory weights and, if saved, the stream state (``state_file``) from a checkpoint that
+    ``save_pretrained`` (and, with several processes, :func:`_save_memory_state`) wrote."""
     p = next(model.memory.parameters(), None)
     device = p.device if p is not None else torch.device("cpu")
     model.memory.load_state_dict(_load_tensors(directory / MEMORY_WEIGHTS, device), strict=True)
-    if not (directory / MEMORY_STATE).exists():
+    if not (directory / state_file).exists():
         return
     layers: dict[str, dict[str, Tensor] | None] = dict.fromkeys(model.memory.names)
-    for flat, tensor in _load_tensors(directory / MEMORY_STATE, device).items():
+    for flat, tensor in _load_tensors(directory / state_file, device).items():
         name, key = flat.rsplit("|", 1)
         layers[name] = {**(layers[name] or {}), key: tensor}
     state = model.memory_state()
     model.set_memory_state({**state, "layers": layers})
+
+
+def _save_memory_state(model: MemoryModel, path: Path) -> None:
+    """The stream state alone, in the layout of ``save_pretrained``'s ``memory_state.safetensors``."""
+    state = model.memory_state()
+    flat = {f"{layer}|{key}": t for layer, s in state["layers"].items() if s is not None for key, t in s.items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _save_tensors(flat, path, {"fingerprint": state["fingerprint"]})
 
 
 @functools.cache
@@ -210,13 +243,31 @@ def _trainer_class() -> type:
         def __init__(self, *args: Any, memory_aux_loss: bool = True, **kwargs: Any) -> None:
             if not isinstance(memory_aux_loss, bool):
                 raise TypeError(f"MemoryTrainer: memory_aux_loss must be True or False, got {memory_aux_loss!r}")
+            self.memory_aux_loss = memory_aux_loss  # before Trainer's __init__: _build_accelerator_args reads it
             super().__init__(*args, **kwargs)
-            self.memory_aux_loss = memory_aux_loss
             base = _memory_model(self, self.model).model
             if self.args.label_names is None:  # Trainer read them from the wrapper's class; the base's are meant
                 self.label_names = find_labels(type(base))
                 self.can_return_loss = can_return_loss(type(base))
             self._order = _StepOrder()
+
+        def _build_accelerator_args(self, **kwargs: Any) -> dict[str, Any]:
+            """DDP's ``find_unused_parameters=False`` when the auxiliary loss is added here and
+            ``ddp_find_unused_parameters`` leaves it to Trainer (None). Trainer turns it on for a model
+            that is not a ``PreTrainedModel``; DDP then looks for unused parameters in the forward's
+            outputs only, takes those that only the auxiliary loss reaches (added after the forward: the
+            compressive conv compressor, the knn gate while its store is empty) for unused, and fails in
+            the backward ("marked as ready twice"). Every memory's parameters take part in each backward
+            of task + aux loss.
+            """
+            built = super()._build_accelerator_args(**kwargs)
+            from accelerate.utils import DistributedDataParallelKwargs
+
+            for handler in built.get("kwargs_handlers", []):
+                if isinstance(handler, DistributedDataParallelKwargs):
+                    if self.args.ddp_find_unused_parameters is None and self.memory_aux_loss:
+                        handler.find_unused_parameters = False
+            return built
 
         # -- data --------------------------------------------------------------------------------
         def _segment_loader(self, dataset: SegmentDataset, batch_size: int) -> Any:
@@ -225,13 +276,21 @@ def _trainer_class() -> type:
                 raise ValueError(
                     f"MemoryTrainer: the SegmentDataset has batch_size={dataset.lanes} lanes but the Trainer reads "
                     f"{batch_size} per device x {world} process(es); build it with batch_size={batch_size * world}")
-            workers = self.args.dataloader_num_workers
+            if world > 1 and self.accelerator.split_batches:
+                raise ValueError(
+                    "MemoryTrainer: accelerator_config split_batches=True cannot read a SegmentDataset (it would "
+                    "split one process's lanes among the processes); leave split_batches False")
+            workers, items = self.args.dataloader_num_workers, dataset.lane_items()
             loader = torch.utils.data.DataLoader(
-                dataset.lane_items(), batch_size=batch_size, num_workers=workers,
-                pin_memory=self.args.dataloader_pin_memory,
+                items, batch_size=batch_size, num_workers=workers, pin_memory=self.args.dataloader_pin_memory,
                 persistent_workers=self.args.dataloader_persistent_workers and workers > 0,
                 prefetch_factor=self.args.dataloader_prefetch_factor if workers > 0 else None)
-            return self.accelerator.prepare(loader)
+            prepared = self.accelerator.prepare(loader)
+            from accelerate.data_loader import DataLoaderDispatcher
+
+            if isinstance(prepared, DataLoaderDispatcher):  # the main process reads a step as W batches of B
+                items.block = batch_size  # so a worker must produce one batch (not a whole step) per turn
+            return prepared
 
         def get_train_dataloader(self) -> Any:
             if isinstance(self.train_dataset, SegmentDataset):
@@ -314,11 +373,32 @@ def _trainer_class() -> type:
                 self.processing_class.save_pretrained(output_dir)
             torch.save(self.args, Path(output_dir) / transformers.trainer.TRAINING_ARGS_NAME)
 
+        def _save_checkpoint(self, model: Any, trial: Any) -> None:
+            """Trainer's checkpoint, plus, with several processes, each process's own stream state
+            (``memory_state_{rank}.safetensors``): ``_save`` runs on process 0 alone, whose
+            ``memory_state.safetensors`` holds only its own lanes."""
+            super()._save_checkpoint(model, trial)
+            if self.args.world_size > 1:
+                from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+                folder = Path(self._get_output_dir(trial=trial)) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+                _save_memory_state(_memory_model(self, self.model),
+                                   folder / RANK_MEMORY_STATE.format(self.args.process_index))
+
         def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
             super()._load_from_checkpoint(resume_from_checkpoint, model)
             directory = Path(resume_from_checkpoint)
-            if (directory / MEMORY_CONFIG).exists():
-                _load_memory(_memory_model(self, model if model is not None else self.model), directory)
+            if not (directory / MEMORY_CONFIG).exists():
+                return
+            state_file = MEMORY_STATE
+            if self.args.world_size > 1:  # each process takes back the memory of its own lanes
+                state_file = RANK_MEMORY_STATE.format(self.args.process_index)
+                if (directory / MEMORY_STATE).exists() and not (directory / state_file).exists():
+                    raise FileNotFoundError(
+                        f"MemoryTrainer: resuming with {self.args.world_size} processes needs each process's stream "
+                        f"state, but {directory} has no {state_file} (it was saved by a run with another number of "
+                        "processes); resume with the number of processes that saved it")
+            _load_memory(_memory_model(self, model if model is not None else self.model), directory, state_file)
 
     MemoryTrainer.__module__, MemoryTrainer.__qualname__ = __name__, "MemoryTrainer"  # as if defined at the top
     return MemoryTrainer
