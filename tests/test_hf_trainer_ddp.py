@@ -249,3 +249,14 @@ def test_split_batches_is_refused(runs: Path) -> None:
     for r in range(W):
         assert (runs / f"split-rank{r}.txt").read_text().startswith(
             "MemoryTrainer: accelerator_config split_batches=True cannot read a SegmentDataset")
+
+
+def test_resuming_with_another_number_of_processes_is_refused(runs: Path, tmp_path: Path) -> None:
+    # the checkpoint holds one stream state per process; one process would take rank 0's lanes' memory
+    # for all B × W lanes, so the resume stops before training, naming both counts
+    checkpoint = runs / CHECKPOINTED / f"checkpoint-{STEPS // 2}"
+    single = TrainingArguments(str(tmp_path), per_device_train_batch_size=B * W, max_steps=STEPS, report_to=[],
+                               use_cpu=True, save_strategy="no", logging_strategy="no", disable_tqdm=True)
+    trainer = MemoryTrainer(model=_model(CHECKPOINTED), args=single, train_dataset=_train_set())
+    with pytest.raises(ValueError, match="holds the stream states of 2 processes.*this run has 1"):
+        trainer.train(resume_from_checkpoint=str(checkpoint))

@@ -391,6 +391,12 @@ def _trainer_class() -> type:
             if not (directory / MEMORY_CONFIG).exists():
                 return
             state_file = MEMORY_STATE
+            saved_by = sorted(directory.glob(RANK_MEMORY_STATE.format("*")))  # one per process of a multi-process run
+            if saved_by and len(saved_by) != self.args.world_size:
+                raise ValueError(
+                    f"MemoryTrainer: {directory} holds the stream states of {len(saved_by)} processes (one per "
+                    f"process, each of its own lanes), but this run has {self.args.world_size}; resuming would give "
+                    f"processes the memory of other lanes. Resume with {len(saved_by)} processes")
             if self.args.world_size > 1:  # each process takes back the memory of its own lanes
                 state_file = RANK_MEMORY_STATE.format(self.args.process_index)
                 if (directory / MEMORY_STATE).exists() and not (directory / state_file).exists():
