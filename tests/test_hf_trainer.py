@@ -187,6 +187,18 @@ def test_out_of_order_batches_and_misuse_are_refused(tmp_path) -> None:
     trainer.prediction_step(model, first, prediction_loss_only=True)
     with pytest.raises(RuntimeError, match=r"out of order \(step 2 on lanes \[0, 1\] after step 0"):
         trainer.prediction_step(model, third, prediction_loss_only=True)
+    # step 0 again in the middle of an endless stream (it would reset every lane's memory): refused
+    with pytest.raises(RuntimeError, match=r"started again \(step 0 on lanes \[0, 1\]\) after step 0 of an endless"):
+        trainer.prediction_step(model, first, prediction_loss_only=True)
+    # a finite pass may start again after its last step, and not before
+    finite = SegmentDataset(_chain_documents(6), B, N, bos=0)
+    steps = list(finite.batches())
+    trainer.train_dataset = finite
+    trainer.get_train_dataloader()  # a new read of the stream: its own order, knowing the pass's length
+    for batch in steps + steps[:1]:
+        trainer.prediction_step(model, dict(batch), prediction_loss_only=True)
+    with pytest.raises(RuntimeError, match=rf"after step 0 of a pass of {len(steps)} steps"):
+        trainer.prediction_step(model, dict(steps[0]), prediction_loss_only=True)
     with pytest.raises(ValueError, match=r"SegmentDataset has batch_size=2 lanes but the Trainer reads 4 per device"):
         MemoryTrainer(model=model, args=_args(tmp_path, per_device_train_batch_size=4),
                       train_dataset=data).get_train_dataloader()

@@ -178,9 +178,13 @@ class LaneItems(IterableDataset):
 
 
 class _StepOrder:
-    """Checks that a stream's batches arrive step after step on the same lanes."""
+    """Checks that a stream's batches arrive step after step on the same lanes, and that the stream
+    starts again (step 0) only after the last step of a pass: ``steps`` per pass of a finite stream,
+    None for an endless one (never again). A repeated step 0 in the middle would silently reset every
+    lane's memory and hide batches handed to the wrong process."""
 
-    def __init__(self) -> None:
+    def __init__(self, steps: int | None = None) -> None:
+        self.steps = steps
         self.lanes: Tensor | None = None
         self.step = -1
 
@@ -195,6 +199,11 @@ class _StepOrder:
                 f"MemoryTrainer: segment batches out of order (step {s} on lanes {lane.tolist()} after step {self.step} "
                 f"on lanes {self.lanes.tolist()}); keep dataloader_in_order=True and read the SegmentDataset "
                 "through MemoryTrainer")
+        if self.lanes is not None and s == 0 and (self.steps is None or self.step != self.steps - 1):
+            whole = "an endless stream" if self.steps is None else f"a pass of {self.steps} steps"
+            raise RuntimeError(
+                f"MemoryTrainer: the stream started again (step 0 on lanes {lane.tolist()}) after step {self.step} of "
+                f"{whole}; keep dataloader_in_order=True and read the SegmentDataset through MemoryTrainer")
         self.lanes, self.step = lane, s
         return s == 0
 
@@ -294,6 +303,8 @@ def _trainer_class() -> type:
 
         def get_train_dataloader(self) -> Any:
             if isinstance(self.train_dataset, SegmentDataset):
+                stream = self.train_dataset.stream  # a new read of the stream: a new order to check
+                self._order = _StepOrder(None if stream.train else len(stream))
                 return self._segment_loader(self.train_dataset, self._train_batch_size)
             return super().get_train_dataloader()
 
