@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import time
 import warnings
 from pathlib import Path
@@ -65,7 +66,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--memory", default="xl", choices=mp.list_memories())
     parser.add_argument("--steps", type=int, default=150)
-    parser.add_argument("--batch", type=int, default=4, help="lanes: documents read side by side")
+    parser.add_argument("--batch", type=int, default=4,
+                        help="lanes per process: documents read side by side (under torchrun, × processes in all)")
     parser.add_argument("--seg-len", type=int, default=32)
     parser.add_argument("--data", default="data/lm")
     parser.add_argument("--synthetic", action="store_true", help="ignore data/lm")
@@ -86,15 +88,19 @@ def main(argv: list[str] | None = None) -> None:
     options = {"xl": {"mem_len": 2 * args.seg_len}, "compressive": {"mem_len": args.seg_len, "cmem_len": args.seg_len // 2},
                "continuous": {"n_basis": 64, "stm_len": args.seg_len}}.get(args.memory, {})
     model = mp.wrap(GPT2LMHeadModel(config), args.memory, **options)
-    train = SegmentDataset(train_docs, args.batch, args.seg_len, train=True, bos=bos)
-    held_out = SegmentDataset(held_docs, args.batch, args.seg_len, bos=bos, short="drop")
+    cpu = not torch.cuda.is_available()
+    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1  # under torchrun
     training = TrainingArguments(args.out, max_steps=args.steps, per_device_train_batch_size=args.batch,
                                  per_device_eval_batch_size=args.batch, learning_rate=4e-3, warmup_steps=20,
                                  logging_steps=max(1, args.steps // 5), save_strategy="no", report_to=[],
-                                 disable_tqdm=True, use_cpu=not torch.cuda.is_available())
+                                 disable_tqdm=True, use_cpu=cpu, ddp_backend="gloo" if cpu and launched else None)
+    lanes = args.batch * training.world_size  # every process reads its own --batch lanes of each step
+    train = SegmentDataset(train_docs, lanes, args.seg_len, train=True, bos=bos)
+    held_out = SegmentDataset(held_docs, lanes, args.seg_len, bos=bos, short="drop")
     trainer = MemoryTrainer(model=model, args=training, train_dataset=train, eval_dataset=held_out)
-    print(f"{source}: {len(train_docs)} training documents; GPT-2 with {args.memory} memory, "
-          f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters")
+    say = print if trainer.is_world_process_zero() else (lambda *a, **k: None)
+    say(f"{source}: {len(train_docs)} training documents; GPT-2 with {args.memory} memory, "
+        f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters, {training.world_size} process(es)")
 
     before = trainer.evaluate()["eval_loss"]
     start = time.perf_counter()
@@ -103,9 +109,9 @@ def main(argv: list[str] | None = None) -> None:
     after = trainer.evaluate()["eval_loss"]
     with model.memory_disabled():
         without = trainer.evaluate()["eval_loss"]
-    print(f"held-out loss before {before:.3f} (ppl {math.exp(before):.0f}), after {args.steps} steps "
-          f"{after:.3f} (ppl {math.exp(after):.1f}) in {seconds:.0f} s; "
-          f"same model with the memory off {without:.3f}")
+    say(f"held-out loss before {before:.3f} (ppl {math.exp(before):.0f}), after {args.steps} steps "
+        f"{after:.3f} (ppl {math.exp(after):.1f}) in {seconds:.0f} s; "
+        f"same model with the memory off {without:.3f}")
 
 
 if __name__ == "__main__":
