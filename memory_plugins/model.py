@@ -155,9 +155,7 @@ class MemoryModel(nn.Module):
                 "adapter": self.adapter_name}
         (directory / MEMORY_CONFIG).write_text(json.dumps(meta, indent=2))
         if save_memory_state:
-            state = self.memory_state()
-            flat = {f"{layer}|{key}": t for layer, s in state["layers"].items() if s is not None for key, t in s.items()}
-            _save_tensors(flat, directory / MEMORY_STATE, {"fingerprint": state["fingerprint"]})
+            _write_state_file(self, directory / MEMORY_STATE)
 
     @classmethod
     def from_pretrained(cls, model: nn.Module, directory: str | Path) -> "MemoryModel":
@@ -175,14 +173,8 @@ class MemoryModel(nn.Module):
         p = next(model.parameters(), None)
         device = p.device if p is not None else torch.device("cpu")
         wrapped.memory.load_state_dict(_load_tensors(directory / MEMORY_WEIGHTS, device), strict=True)
-        state_file = directory / MEMORY_STATE
-        if state_file.exists():
-            layers: dict[str, dict[str, Tensor] | None] = {name: None for name in wrapped.memory.names}
-            for key, t in _load_tensors(state_file, device).items():
-                layer, name = key.rsplit("|", 1)
-                layers[layer] = {**(layers.get(layer) or {}), name: t}
-            wrapped.set_memory_state({"format": 2, "memory": meta["memory"], "fingerprint": wrapped.memory.fingerprint,
-                                      "layers": layers})
+        if (directory / MEMORY_STATE).exists():
+            _read_state_file(wrapped, directory / MEMORY_STATE, device)
         return wrapped
 
     def unwrap(self) -> nn.Module:
@@ -241,6 +233,25 @@ class _CommitForward:
 
     def __call__(self, module: nn.Module, args: Any, output: Any) -> None:
         self.memory.commit()
+
+
+def _write_state_file(model: MemoryModel, path: Path) -> None:
+    """``model``'s stream state as safetensors: one tensor per ``"layer|key"``, the fingerprint as metadata
+    (``save_pretrained``'s ``memory_state.safetensors``, and each process's file in a Trainer checkpoint)."""
+    state = model.memory_state()
+    flat = {f"{layer}|{key}": t for layer, s in state["layers"].items() if s is not None for key, t in s.items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _save_tensors(flat, path, {"fingerprint": state["fingerprint"]})
+
+
+def _read_state_file(model: MemoryModel, path: Path, device: torch.device) -> None:
+    """Set ``model``'s stream state from a file :func:`_write_state_file` wrote (validated by
+    ``set_memory_state``, which names an unknown layer or key)."""
+    layers: dict[str, dict[str, Tensor] | None] = dict.fromkeys(model.memory.names)
+    for flat, t in _load_tensors(path, device).items():
+        layer, key = flat.rsplit("|", 1)
+        layers[layer] = {**(layers.get(layer) or {}), key: t}
+    model.set_memory_state({**model.memory_state(), "layers": layers})
 
 
 def _save_tensors(tensors: dict[str, Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:

@@ -55,7 +55,8 @@ from torch import Tensor
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
 from memory_plugins.data import IGNORE, Document, DocumentStream, Segment
-from memory_plugins.model import MEMORY_CONFIG, MEMORY_STATE, MEMORY_WEIGHTS, MemoryModel, _load_tensors, _save_tensors
+from memory_plugins.model import (MEMORY_CONFIG, MEMORY_STATE, MEMORY_WEIGHTS, MemoryModel, _load_tensors,
+                                  _read_state_file, _write_state_file)
 
 SEGMENT_KEYS = ("doc_start", "lane", "step")  # what MemoryTrainer takes out of a batch before the forward
 RANK_MEMORY_STATE = "memory_state_{}.safetensors"  # process r's stream state in a checkpoint of several processes
@@ -217,26 +218,12 @@ def _memory_model(trainer: Any, model: Any) -> MemoryModel:
 
 def _load_memory(model: MemoryModel, directory: Path, state_file: str = MEMORY_STATE) -> None:
     """Memory weights and, if saved, the stream state (``state_file``) from a checkpoint that
-    ``save_pretrained`` (and, with several processes, :func:`_save_memory_state`) wrote."""
+    ``save_pretrained`` (and, with several processes, each process's ``_write_state_file``) wrote."""
     p = next(model.memory.parameters(), None)
     device = p.device if p is not None else torch.device("cpu")
     model.memory.load_state_dict(_load_tensors(directory / MEMORY_WEIGHTS, device), strict=True)
-    if not (directory / state_file).exists():
-        return
-    layers: dict[str, dict[str, Tensor] | None] = dict.fromkeys(model.memory.names)
-    for flat, tensor in _load_tensors(directory / state_file, device).items():
-        name, key = flat.rsplit("|", 1)
-        layers[name] = {**(layers[name] or {}), key: tensor}
-    state = model.memory_state()
-    model.set_memory_state({**state, "layers": layers})
-
-
-def _save_memory_state(model: MemoryModel, path: Path) -> None:
-    """The stream state alone, in the layout of ``save_pretrained``'s ``memory_state.safetensors``."""
-    state = model.memory_state()
-    flat = {f"{layer}|{key}": t for layer, s in state["layers"].items() if s is not None for key, t in s.items()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _save_tensors(flat, path, {"fingerprint": state["fingerprint"]})
+    if (directory / state_file).exists():
+        _read_state_file(model, directory / state_file, device)
 
 
 @functools.cache
@@ -393,8 +380,8 @@ def _trainer_class() -> type:
                 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
                 folder = Path(self._get_output_dir(trial=trial)) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
-                _save_memory_state(_memory_model(self, self.model),
-                                   folder / RANK_MEMORY_STATE.format(self.args.process_index))
+                _write_state_file(_memory_model(self, self.model),
+                                  folder / RANK_MEMORY_STATE.format(self.args.process_index))
 
         def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
             super()._load_from_checkpoint(resume_from_checkpoint, model)
