@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
+import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -27,6 +29,25 @@ def sync(device: torch.device) -> None:
     """Wait for the device's queued work (CUDA runs asynchronously; a timer must not stop before it)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def interleaved(calls: dict[str, Callable[[], Any]], device: torch.device, warmup: int,
+                repeats: int) -> dict[str, list[float]]:
+    """Milliseconds of each call over ``repeats`` rounds after ``warmup`` untimed ones; every round runs
+    each call once, in a fresh random order (seeded), so that load changes on a shared machine hit all
+    alike."""
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    order, rng = list(calls), random.Random(0)
+    for r in range(warmup + repeats):
+        rng.shuffle(order)
+        for name in order:
+            sync(device)
+            start = time.perf_counter()
+            calls[name]()
+            sync(device)
+            if r >= warmup:
+                times[name].append((time.perf_counter() - start) * 1e3)
+    return times
 
 
 def write_result(result: dict[str, Any] | str, path: str | Path) -> dict[str, Any] | str:

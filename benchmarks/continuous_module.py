@@ -26,14 +26,12 @@ These are the figures issue 10 compares with the authors' release (there, at b 8
 from __future__ import annotations
 
 import argparse
-import random
 import statistics
-import time
 
 import torch
 from torch import nn
 
-from benchmarks.bench_utils import add_shape_args, sync, write_result
+from benchmarks.bench_utils import add_shape_args, interleaved, sync, write_result
 from benchmarks.continuous_scaling import TensorPeak
 from memory_plugins.continuous import ContinuousConfig, ContinuousMemory
 from memory_plugins.interface import AttentionDims
@@ -113,17 +111,7 @@ def main(argv: list[str] | None = None) -> dict:
         variants[f"{impl} forward_backward"] = lambda m=mem, s=state, x=x, q=q, g=grad_out: forward_backward(
             m, s, x, q, autocast, g)
         states[impl] = state
-    times: dict[str, list[float]] = {k: [] for k in variants}
-    order, rng = list(variants), random.Random(0)
-    for r in range(args.warmup + args.repeats):
-        rng.shuffle(order)
-        for name in order:
-            sync(device)
-            t0 = time.perf_counter()
-            variants[name]()
-            sync(device)
-            if r >= args.warmup:
-                times[name].append(1e3 * (time.perf_counter() - t0))
+    times = interleaved(variants, device, args.warmup, args.repeats)
     rows = {name: {"ms_median": statistics.median(t), "ms_all": t, **peak(variants[name], device)}
             for name, t in times.items()}
     print(f"continuous module, b {args.batch}, n {args.segment}, e {args.dim}, h {args.heads}, N {args.basis}, "

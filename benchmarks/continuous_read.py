@@ -25,16 +25,14 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import random
 import statistics
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
-from benchmarks.bench_utils import sync, write_result
+from benchmarks.bench_utils import interleaved, sync, write_result
 
 from memory_plugins.continuous.basis import rbf_basis
 from memory_plugins.continuous.read import feature_layout, gaussian_read
@@ -107,28 +105,10 @@ def sdpa_ops(variant: str, x: dict, autocast: torch.dtype | None) -> list[str]:
     return sorted(k for k in names if "attention" in k and k.startswith("aten::_"))
 
 
-def measure(x: dict, args: argparse.Namespace, autocast: torch.dtype | None) -> dict[str, list[float]]:
-    """ms per forward + backward of each variant, over interleaved rounds (warm-up rounds dropped)."""
-    device = x["q"].device
-    times: dict[str, list[float]] = {v: [] for v in VARIANTS}
-    order = list(VARIANTS)
-    rng = random.Random(0)
-    for r in range(args.warmup + args.repeats):
-        rng.shuffle(order)
-        for variant in order:
-            sync(device)
-            start = time.perf_counter()
-            step(variant, x, autocast)
-            sync(device)
-            if r >= args.warmup:
-                times[variant].append((time.perf_counter() - start) * 1e3)
-    return times
-
-
 def run_shape(name: str, args: argparse.Namespace, device: torch.device, autocast: torch.dtype | None) -> dict:
     shape = SHAPES[name]
     x = make_inputs(shape, device)
-    times = measure(x, args, autocast)
+    times = interleaved({v: (lambda v=v: step(v, x, autocast)) for v in VARIANTS}, device, args.warmup, args.repeats)
     med = {v: statistics.median(t) for v, t in times.items()}
     d, widths = shape["e"] // shape["h"], shape["widths"]
     dim, chunks = feature_layout(d, len(widths), shape["N"] // len(widths), min(widths))
