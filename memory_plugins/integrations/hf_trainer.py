@@ -337,7 +337,7 @@ def _trainer_class() -> type:
                                                  num_items_in_batch=num_items_in_batch)
             if self.memory_aux_loss and model.training:
                 aux = _memory_model(self, model).memory_aux_loss()
-                scaled = self.loss_is_scaled_for_ga
+                scaled = getattr(self, "loss_is_scaled_for_ga", None)  # absent in older transformers (5.17)
                 if scaled is None:  # as Trainer.training_step decides it
                     scaled = (self.model_accepts_loss_kwargs and num_items_in_batch is not None) or (
                         self.compute_loss_func is not None)
