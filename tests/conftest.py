@@ -52,6 +52,15 @@ def _one_thread() -> Iterator[None]:
     torch.set_num_threads(threads)
 
 
+@pytest.fixture
+def on_cpu() -> Iterator[None]:
+    """The CPU as default device for tests of CPU-only paths (gloo processes, the example pipelines run
+    on the device they are given, the CPU in those tests), also when MEMORY_PLUGINS_TEST_DEVICE puts the
+    rest of the suite on a GPU."""
+    with torch.device("cpu"):
+        yield
+
+
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)

@@ -22,7 +22,7 @@ from torch._dynamo.utils import counters
 import memory_plugins as mp
 from memory_plugins.models.reference import ReferenceDecoder
 
-from .conftest import SMALL_OPTIONS
+from .conftest import SMALL_OPTIONS, make_generator
 
 MEMORIES = mp.list_memories()
 V, B, N = 48, 2, 8
@@ -116,7 +116,7 @@ def _compare(host: str, name: str, backend: str = "aot_eager", masks: list[Tenso
     counters.clear()
     compiled = torch.compile(twin, backend=backend)
     frames = []
-    gen = torch.Generator().manual_seed(1)
+    gen = make_generator(1)
     for s in range(SEGMENTS):
         tokens = torch.randint(2, V, (B, N), generator=gen)  # (b, n)
         mask = masks[s] if masks else None

@@ -22,7 +22,7 @@ from memory_plugins.continuous import ContinuousConfig, ContinuousMemory
 from memory_plugins.continuous.basis import BasisCache
 from memory_plugins.interface import AttentionDims
 
-from .conftest import DEVICE
+from .conftest import DEVICE, make_generator
 
 WIDE = (0.05, 0.1)  # the widths the other continuous tests use at small N
 MUS, SIGMAS = (0.02, 0.5, 0.98), (0.01, 0.1, 0.3)
@@ -41,7 +41,7 @@ def cell_edges(num_past: int, num_new: int, tau: float) -> list[float]:
 def ideal_read(edges: list[float], mu: float, sigma: float) -> torch.Tensor:
     """w_i = Φ((b_i − μ)/σ) − Φ((a_i − μ)/σ) for the cells [a_i, b_i]: (L,) float64."""
     cdf = [0.5 * (1 + math.erf((x - mu) / (sigma * math.sqrt(2)))) for x in edges]
-    return torch.tensor([b - a for a, b in zip(cdf, cdf[1:])], dtype=torch.float64)
+    return torch.tensor([b - a for a, b in zip(cdf, cdf[1:])], dtype=torch.float64, device="cpu")
 
 
 def expected_psi(mu: float, sigma: float, n_basis: int, widths: tuple[float, ...]) -> torch.Tensor:
@@ -52,7 +52,7 @@ def expected_psi(mu: float, sigma: float, n_basis: int, widths: tuple[float, ...
     for w in widths:
         var = sigma**2 + w**2
         out += [math.exp(-0.5 * (mu - j / (count - 1)) ** 2 / var) / math.sqrt(2 * math.pi * var) for j in range(count)]
-    return torch.tensor(out, dtype=torch.float64)
+    return torch.tensor(out, dtype=torch.float64, device="cpu")
 
 
 def read_weight_ratios(g: torch.Tensor, edges: list[float], n_basis: int, widths: tuple[float, ...],
@@ -126,7 +126,7 @@ def test_kl_reductions_equal_a_hand_computation(reduction: str, masked: bool) ->
     b, h, n, lam, sigma_0 = 3, 3, 5, 0.1, 0.05
     cfg = ContinuousConfig(n_basis=8, basis_widths=WIDE, kl_weight=lam, sigma_0=sigma_0, kl_reduction=reduction)
     mem = ContinuousMemory(cfg, AttentionDims(8, h, 4), nn.ModuleDict()).train()
-    gen = torch.Generator().manual_seed(0)
+    gen = make_generator(0)
     mu = torch.rand(b, h, n, generator=gen)  # (b, h, n)
     sigma2 = torch.rand(b, h, n, generator=gen) * 0.02 + 1e-4  # (b, h, n)
     has = torch.tensor([True, False, True])  # (b,)

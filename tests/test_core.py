@@ -17,7 +17,7 @@ from torch import Tensor, nn
 import memory_plugins as mp
 from memory_plugins.models import ReferenceDecoder
 
-from .conftest import SMALL_OPTIONS
+from .conftest import SMALL_OPTIONS, make_generator
 
 MEMORIES = mp.list_memories()
 V, N = 37, 8
@@ -95,7 +95,7 @@ def _wrapped(memory: str, host: Host, seed: int = 0) -> mp.MemoryModel:
 def _padded_stream(side: str, segments: int, seed: int) -> tuple[Tensor, Tensor]:
     """Tokens (2, S·n) and valid (2, S·n): sample 0 unpadded, sample 1 with 0–5 pads per segment on ``side``
     (one segment wholly padded)."""
-    gen = torch.Generator().manual_seed(seed)
+    gen = make_generator(seed)  # on the test device, where the default device puts every tensor
     tokens = torch.randint(2, V, (2, segments * N), generator=gen)
     valid = torch.ones(2, segments * N, dtype=torch.bool)
     for s in range(segments):

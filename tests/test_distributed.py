@@ -9,6 +9,7 @@ ranks, and rank r's memory state that of rank r's data (each rank keeps its own 
 
 from __future__ import annotations
 
+import os
 import socket
 from pathlib import Path
 from typing import Any
@@ -147,7 +148,15 @@ def free_port() -> int:
 def runs(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
     """Both ranks' results of every run (one spawn of 2 gloo processes for the whole file)."""
     out = tmp_path_factory.mktemp("ddp")
-    tmp.spawn(worker, args=(free_port(), str(out)), nprocs=WORLD, join=True)
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""  # gloo on the CPU: on a GPU host too, the ranks see no GPU (FSDP2 would take it)
+    try:
+        tmp.spawn(worker, args=(free_port(), str(out)), nprocs=WORLD, join=True)
+    finally:
+        if visible is None:
+            del os.environ["CUDA_VISIBLE_DEVICES"]
+        else:
+            os.environ["CUDA_VISIBLE_DEVICES"] = visible
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
 
 

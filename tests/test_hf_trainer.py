@@ -58,9 +58,9 @@ def _chain_documents(count: int, seed: int = 0) -> list[Tensor]:
     """Documents of 30..69 tokens cycling through 1, 2, ..., 8 from a random start: a tiny model learns
     the successor rule within a few dozen steps."""
     g = torch.Generator().manual_seed(seed)
-    lengths = torch.randint(30, 70, (count,), generator=g).tolist()
-    starts = torch.randint(0, 8, (count,), generator=g).tolist()
-    return [(torch.arange(length) + start) % 8 + 1 for length, start in zip(lengths, starts)]
+    lengths = torch.randint(30, 70, (count,), generator=g, device="cpu").tolist()
+    starts = torch.randint(0, 8, (count,), generator=g, device="cpu").tolist()
+    return [(torch.arange(length, device="cpu") + start) % 8 + 1 for length, start in zip(lengths, starts)]
 
 
 def _args(tmp_path, **overrides: Any) -> TrainingArguments:
@@ -82,8 +82,8 @@ def test_wrapped_forward_shows_the_base_signature_to_trainer(tmp_path) -> None:
         assert copied.forward.__self__ is copied
         assert list(inspect.signature(copied.forward).parameters) == base_params
     # a plain Trainer with default arguments keeps the columns the base model takes, drops the others
-    rows = [{"input_ids": torch.arange(N), "attention_mask": torch.ones(N, dtype=torch.long),
-             "labels": torch.arange(N), "text": "unused"} for _ in range(4)]
+    rows = [{"input_ids": torch.arange(N, device="cpu"), "attention_mask": torch.ones(N, dtype=torch.long, device="cpu"),
+             "labels": torch.arange(N, device="cpu"), "text": "unused"} for _ in range(4)]
     batch = next(iter(Trainer(model=model, args=_args(tmp_path), train_dataset=rows).get_train_dataloader()))
     assert set(batch) == {"input_ids", "attention_mask", "labels"}
     base = model.unwrap()
@@ -131,7 +131,7 @@ def test_memory_is_reset_exactly_at_document_boundaries(tmp_path, memory: str) -
     data = SegmentDataset(docs, B, N, bos=0)
     model = _wrapped(memory).eval()
     trainer = MemoryTrainer(model=model, args=_args(tmp_path), eval_dataset=data)
-    predictions = torch.as_tensor(trainer.predict(data).predictions)  # (steps · B, n, V)
+    predictions = torch.as_tensor(trainer.predict(data).predictions, device="cpu")  # (steps · B, n, V)
     segments = list(data.stream)
     assert predictions.shape == (len(segments) * B, N, V)
     assert segments[-1].valid[0].any() and not segments[-1].valid[1].any()  # the last step has an idle lane
@@ -141,7 +141,7 @@ def test_memory_is_reset_exactly_at_document_boundaries(tmp_path, memory: str) -
         fresh = _fresh_logits(model, document)
         assert len(rows) == len(fresh) > 1
         for (k, b), expected in zip(rows, fresh):
-            real = torch.cat([torch.tensor([True]), segments[k].valid[b, :-1]])  # (n,) input tokens of the document
+            real = torch.cat([torch.tensor([True], device="cpu"), segments[k].valid[b, :-1]])  # (n,) input tokens of the document
             torch.testing.assert_close(predictions[k * B + b][real], expected[real], atol=1e-4, rtol=1e-4)
 
     # the check has teeth: without the reset, lane 0 reads document 2's first segment with document 0's memory
@@ -155,12 +155,12 @@ def test_memory_is_reset_exactly_at_document_boundaries(tmp_path, memory: str) -
 
 def test_unrelated_batches_share_no_memory_and_the_smaller_last_batch_works(tmp_path) -> None:
     g = torch.Generator().manual_seed(1)
-    rows = [{"input_ids": torch.randint(1, V, (N,), generator=g)} for _ in range(5)]
+    rows = [{"input_ids": torch.randint(1, V, (N,), generator=g, device="cpu")} for _ in range(5)]
     for row in rows:
         row["labels"] = row["input_ids"].clone()
     model = _wrapped("xl").eval()
     trainer = MemoryTrainer(model=model, args=_args(tmp_path, per_device_eval_batch_size=2), eval_dataset=rows)
-    predictions = torch.as_tensor(trainer.predict(rows).predictions)  # (5, n, V): batches of 2, 2, 1
+    predictions = torch.as_tensor(trainer.predict(rows).predictions, device="cpu")  # (5, n, V): batches of 2, 2, 1
     for i, row in enumerate(rows):
         torch.testing.assert_close(predictions[i], _one_segment(model, row["input_ids"]), atol=1e-4, rtol=1e-4)
     # training on them: shuffled batches, the last one smaller, for two epochs

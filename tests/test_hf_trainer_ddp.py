@@ -36,7 +36,8 @@ from transformers import GPT2Config, GPT2LMHeadModel, TrainingArguments  # noqa:
 from memory_plugins.integrations.hf_trainer import SEGMENT_KEYS, MemoryTrainer, SegmentDataset  # noqa: E402
 
 pytestmark = [pytest.mark.slow,
-              pytest.mark.filterwarnings("ignore:memory_plugins. this model has absolute position embeddings")]
+              pytest.mark.filterwarnings("ignore:memory_plugins. this model has absolute position embeddings"),
+              pytest.mark.usefixtures("on_cpu")]  # gloo processes and use_cpu Trainers: the CPU, on a GPU host too
 
 V, N, B, W = 32, 8, 2, 2
 STEPS, ACCUMULATE = 4, 2  # optimizer steps of 2 micro-steps: 8 stream steps, in which every rank starts a new document

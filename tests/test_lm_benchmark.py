@@ -19,7 +19,8 @@ from examples.lm import benchmark, metrics
 from examples.lm.benchmark import ALL_MEMORIES, Preset, build, evaluate, forward_segment
 from examples.lm.data import Document, DocumentStream
 
-pytestmark = pytest.mark.filterwarnings("ignore:DocumentStream.*shorter than one segment")
+pytestmark = [pytest.mark.filterwarnings("ignore:DocumentStream.*shorter than one segment"),
+              pytest.mark.usefixtures("on_cpu")]  # the pipelines run on the device they are given: the CPU here
 
 V = 64  # vocabulary of the tiny models
 BOS = 0
@@ -29,7 +30,7 @@ TINY = Preset(memories=ALL_MEMORIES, dim=32, depth=2, heads=2, seg_len=8, batch=
 
 def _doc(name: str, length: int, seed: int) -> Document:
     g = torch.Generator().manual_seed(seed)
-    return Document(name, torch.randint(1, V, (length,), generator=g, dtype=torch.int32))  # (L,)
+    return Document(name, torch.randint(1, V, (length,), generator=g, dtype=torch.int32, device="cpu"))  # (L,)
 
 
 def _model(memory: str) -> nn.Module:

@@ -21,7 +21,8 @@ from examples.lm.benchmark import evaluate
 from examples.lm.corpus import CorpusError
 from examples.lm.data import Document
 
-pytestmark = pytest.mark.filterwarnings("ignore:DocumentStream.*shorter than one segment")
+pytestmark = [pytest.mark.filterwarnings("ignore:DocumentStream.*shorter than one segment"),
+              pytest.mark.usefixtures("on_cpu")]  # the pipelines run on the device they are given: the CPU here
 
 V, N, BOS = 64, 8, 0
 TINY = replace(ft.PRESETS["quick"], dim=32, depth=2, heads=2, seg_len=N, batch=2, eval_batch=2, steps=3,
@@ -30,7 +31,7 @@ TINY = replace(ft.PRESETS["quick"], dim=32, depth=2, heads=2, seg_len=N, batch=2
 
 def _doc(name: str, length: int, seed: int) -> Document:
     g = torch.Generator().manual_seed(seed)
-    return Document(name, torch.randint(1, V, (length,), generator=g, dtype=torch.int32))  # (L,)
+    return Document(name, torch.randint(1, V, (length,), generator=g, dtype=torch.int32, device="cpu"))  # (L,)
 
 
 def _gpt2() -> torch.nn.Module:

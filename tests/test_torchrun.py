@@ -46,7 +46,8 @@ def torchrun(tmp_path: Path, launcher: str, args: list[str]) -> str:
     script.write_text(launcher.format(repo=str(REPO)))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script), *args]
     done = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+                          env={**os.environ, "OMP_NUM_THREADS": "1",
+                               "CUDA_VISIBLE_DEVICES": ""})  # gloo on the CPU, on a GPU host too
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return done.stdout
 

@@ -39,14 +39,14 @@ def bucket_sums(nll: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
     """Per-document, per-bucket NLL sums (D, K) float64 and token counts (D, K) int64 of ``nll``, a
     list of per-token NLL tensors (L_d,) in document order (position = index)."""
     k = len(BUCKETS)
-    sums = torch.zeros(len(nll), k, dtype=torch.float64)  # (D, K)
-    counts = torch.zeros(len(nll), k, dtype=torch.int64)  # (D, K)
+    sums = torch.zeros(len(nll), k, dtype=torch.float64, device="cpu")  # (D, K) on the CPU, whatever the default device
+    counts = torch.zeros(len(nll), k, dtype=torch.int64, device="cpu")  # (D, K)
     for d, x in enumerate(nll):
         x = x.detach().to("cpu", torch.float64)  # (L_d,)
         if bool(torch.isnan(x).any()):
             raise ValueError(f"bucket_sums: document {d} has NaN NLL at {int(torch.isnan(x).sum())} positions "
                              "(a token was never scored)")
-        b = bucket_of(torch.arange(x.numel()))  # (L_d,)
+        b = bucket_of(torch.arange(x.numel(), device="cpu"))  # (L_d,)
         sums[d].index_add_(0, b, x)
         counts[d].index_add_(0, b, torch.ones_like(b))
     return sums, counts
@@ -55,8 +55,8 @@ def bucket_sums(nll: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
 def _resamples(num_docs: int, resamples: int, seed: int) -> Tensor:
     """R bootstrap draws of document multiplicities: (R, D) int64 (each row sums to D)."""
     g = torch.Generator().manual_seed(seed)
-    idx = torch.randint(0, num_docs, (resamples, num_docs), generator=g)  # (R, D)
-    weights = torch.zeros(resamples, num_docs, dtype=torch.int64)  # (R, D)
+    idx = torch.randint(0, num_docs, (resamples, num_docs), generator=g, device="cpu")  # (R, D)
+    weights = torch.zeros(resamples, num_docs, dtype=torch.int64, device="cpu")  # (R, D)
     weights.scatter_add_(1, idx, torch.ones_like(idx))
     return weights
 

@@ -29,8 +29,8 @@ def make_sequences(b: int, frames: int, side: int = 16, noise: float = 0.3, seed
     if frames < 2 or side % 2:
         raise ValueError(f"make_sequences: frames must be >= 2 and side even, got frames={frames}, side={side}")
     g = torch.Generator().manual_seed(seed)
-    x = noise * torch.randn(frames, b, 1, side, side, generator=g)  # (T, b, 1, S, S)
-    labels = torch.randint(0, K, (b,), generator=g)  # (b,)
+    x = noise * torch.randn(frames, b, 1, side, side, generator=g, device="cpu")  # (T, b, 1, S, S) CPU data
+    labels = torch.randint(0, K, (b,), generator=g, device="cpu")  # (b,)
     half = side // 2
     for i, label in enumerate(labels.tolist()):  # cue: one quadrant lit
         r, c = divmod(label, 2)
@@ -38,12 +38,12 @@ def make_sequences(b: int, frames: int, side: int = 16, noise: float = 0.3, seed
     length, width = half, max(1, side // 8)
     for t in range(1, frames - 1):  # distractors: a bar anywhere
         for i in range(b):
-            r, c = torch.randint(0, side - length + 1, (2,), generator=g).tolist()
-            if bool(torch.randint(0, 2, (1,), generator=g)):
+            r, c = torch.randint(0, side - length + 1, (2,), generator=g, device="cpu").tolist()
+            if bool(torch.randint(0, 2, (1,), generator=g, device="cpu")):
                 x[t, i, 0, r:r + width, c:c + length] += 2.0
             else:
                 x[t, i, 0, r:r + length, c:c + width] += 2.0
-    eye = torch.eye(side, dtype=torch.bool)
+    eye = torch.eye(side, dtype=torch.bool, device="cpu")
     x[-1, :, 0] += 2.0 * (eye | eye.flip(1))  # query: a fixed cross
     return x, labels
 
