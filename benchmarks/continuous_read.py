@@ -6,7 +6,8 @@ Three variants, each from the host's queries q (b, h, n, d) and the LTM coeffici
 layer's output (b, n, e), with every input and weight receiving gradients:
 
 * ``sdpa``: the LTM read of :func:`memory_plugins.continuous.read.gaussian_read` (V = W_V B, μ/σ², the
-  Gaussian read as one SDPA over N + 1 keys) and W_O;
+  Gaussian read as one SDPA over N + 1 keys) and W_O, its constant keys built once, as the backend
+  caches them (``BasisCache.read_constants``);
 * ``dense``: the same read through the materialised E_p[ψ] (b, h, n, N) (``impl="dense"``) and W_O;
 * ``attention``: plain SDPA over N keys with the same projections (K = W_K B, V = W_V B, W_O): the
   cost of attending over N discrete memory vectors, the yardstick (goal: sdpa / attention ≤ 1.2).
@@ -35,7 +36,7 @@ from torch.profiler import ProfilerActivity, profile
 from benchmarks.bench_utils import interleaved, sync, write_result
 
 from memory_plugins.continuous.basis import rbf_basis
-from memory_plugins.continuous.read import feature_layout, gaussian_read
+from memory_plugins.continuous.read import feature_layout, gaussian_read, sdpa_constants
 
 SHAPES = {  # b, n, e, h, N, widths
     "small": dict(b=4, n=256, e=192, h=6, N=256, widths=(0.01, 0.05)),
@@ -55,6 +56,7 @@ def make_inputs(shape: dict, device: torch.device, seed: int = 0) -> dict:
 
     c64, w64 = rbf_basis(n_basis, widths)  # (N,), (N,)
     c = n_basis // len(widths)
+    centres, width_set = c64[:c].float().to(device), w64[::c].float().to(device)  # (C,), (W,)
     return {
         "q": leaf(b, h, n, d),  # (b, h, n, d)
         "coef": leaf(b, n_basis, e, scale=0.1),  # (b, N, e)
@@ -63,8 +65,9 @@ def make_inputs(shape: dict, device: torch.device, seed: int = 0) -> dict:
         "w_o": leaf(e, h * d, scale=(h * d) ** -0.5),  # (e, h·d)
         "w_mu": leaf(n_basis, scale=n_basis**-0.5),  # (N,)
         "w_sigma": leaf(n_basis, scale=n_basis**-0.5),  # (N,)
-        "centres": c64[:c].float().to(device),  # (C,)
-        "widths": w64[::c].float().to(device),  # (W,)
+        "centres": centres,  # (C,)
+        "widths": width_set,  # (W,)
+        "constants": sdpa_constants(centres, width_set, d, min(widths)),  # (N + 1, D), (K,)
         "min_width": min(widths),
         "grad_out": torch.randn(b, n, e, generator=g).to(device),  # (b, n, e)
     }
@@ -80,7 +83,8 @@ def forward(variant: str, x: dict) -> torch.Tensor:
         z = F.scaled_dot_product_attention(q, k, v)  # (b, h, n, d)
     else:
         z, _, _ = gaussian_read(q, coef, x["w_k"], x["w_v"], x["w_mu"], x["w_sigma"], x["centres"], x["widths"],
-                                1e-6, impl=variant, min_width=x["min_width"])  # (b, h, n, d)
+                                1e-6, impl=variant, min_width=x["min_width"],
+                                constants=x["constants"] if variant == "sdpa" else None)  # (b, h, n, d)
     return F.linear(z.transpose(1, 2).reshape(b, n, h * d), x["w_o"])  # (b, n, e)
 
 

@@ -96,6 +96,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     p.add_argument("--memories", nargs="*", default=["none", "xl", "continuous"])
     p.add_argument("--compile", action="store_true", help="also time the step under torch.compile")
+    p.add_argument("--compile-mode", default="default", choices=["default", "reduce-overhead", "max-autotune"],
+                   help="torch.compile's mode (reduce-overhead: CUDA graphs where inductor can capture)")
     p.add_argument("--out", default="benchmarks/results/continuous_step.json")
     args = p.parse_args(argv)
     if args.threads:
@@ -124,7 +126,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         row: dict[str, Any] = {"memory": memory, "step_ms": 1e3 * statistics.median(run["times"])}
         row.update(operators(run["model"], run["opt"], data[0], device, dtype))
         if args.compile:
-            row.update(compiled(run, data, device, dtype, args.repeats))
+            row.update(compiled(run, data, device, dtype, args.repeats, args.compile_mode))
         rows.append(row)
     xl = next((r for r in rows if r["memory"] == "xl"), None)
     for row in rows:
@@ -144,13 +146,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 def compiled(run: dict[str, Any], data: list[torch.Tensor], device: torch.device, dtype: torch.dtype | None,
-             repeats: int) -> dict[str, Any]:
+             repeats: int, mode: str = "default") -> dict[str, Any]:
     """Time the compiled step; count graph breaks of one forward; compare its loss with eager's."""
     import copy
 
     model = run["model"]
     eager = copy.deepcopy(model)
-    fast = torch.compile(copy.deepcopy(model))
+    fast = torch.compile(copy.deepcopy(model), mode=mode)
     opt = torch.optim.AdamW(fast.parameters(), lr=1e-4)
     opt_eager = torch.optim.AdamW(eager.parameters(), lr=1e-4)
     diffs = []

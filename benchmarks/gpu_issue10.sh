@@ -1,41 +1,72 @@
 #!/usr/bin/env bash
-# The GPU half of issue 10 in one device session (~8 minutes on an H100/H200): the continuous memory's
-# read and training step against attention / XL at the paper's sorting sizes, fp32 and bf16, compiled
-# and eager, kernel launches per step, per-segment time up to 10^6 tokens, and the continuous and
-# compile tests on CUDA. Every result lands in $OUT (default benchmarks/results/gpu_issue10).
-#   bash benchmarks/gpu_issue10.sh                      # on the GPU machine, from the repository root
-#   DEVICE=cpu SMALL=1 bash benchmarks/gpu_issue10.sh   # a dry run of the same steps at toy sizes (CPU)
+# The GPU half of issue 10 in one device session: the continuous memory's read and training step against
+# attention / XL at the paper's sorting sizes, fp32 and bf16, kernel launches per step, the module alone,
+# the whole test suite on CUDA, per-segment time up to 10^6 tokens, and the compiled step.
+# The script keeps to a budget of BUDGET seconds (default 480): each step gets at most what is left, and
+# the most wanted figures come first. Results land in RES (default benchmarks/results/gpu_issue10); with
+# PACK=file.tgz they are also packed into that one file after every step (the device tool returns 8 files).
+#   bash benchmarks/gpu_issue10.sh                                   # on the GPU machine, repository root
+#   RES=/tmp/gi10 PACK=$OUT/gpu_issue10.tgz bash benchmarks/gpu_issue10.sh   # through the device tool
+#   DEVICE=cpu SMALL=1 bash benchmarks/gpu_issue10.sh                # a dry run at toy sizes (CPU)
+# Extra packages the tests need (x-transformers and its deps) are installed from .whl/ when it exists.
 set -u
-OUT=${OUT:-benchmarks/results/gpu_issue10}
+RES=${RES:-benchmarks/results/gpu_issue10}
+PACK=${PACK:-}
 DEVICE=${DEVICE:-cuda}
 PY=${PY:-python3}
-mkdir -p "$OUT"
+BUDGET=${BUDGET:-480}
+START=$(date +%s)
+mkdir -p "$RES"
 export PYTHONUNBUFFERED=1
 export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD
+[ -e memory_plugins/adapters ] || ln -s ../adapters memory_plugins/adapters 2>/dev/null || true
+if [ -d .whl ]; then
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=$PYTHONPATH:/tmp/site
+fi
+
+lim() {  # lim SECONDS CMD...: run CMD for at most SECONDS, or what is left of the budget
+  local left=$((BUDGET - ($(date +%s) - START)))
+  if [ "$left" -le 10 ]; then echo "SKIPPED (budget spent): ${*:2}"; return 0; fi
+  local t=$(( $1 < left ? $1 : left )); shift
+  echo "== [$(( $(date +%s) - START ))s] $* (limit ${t}s)"
+  timeout "$t" "$@"
+}
+pack() { if [ -n "$PACK" ]; then tar czf "$PACK.tmp" -C "$RES" . && mv "$PACK.tmp" "$PACK"; fi; }
+
 if [ "${SMALL:-0}" = 1 ]; then  # toy sizes: checks that every step runs, not a measurement
   SORT="--batch 2 --segment 64 --dim 48 --heads 6 --basis 32"; READ="--shapes small --repeats 2 --warmup 1"
-  STEPS="--repeats 2"; MODULE="--batch 2 --segment 64 --dim 48 --basis 64 --repeats 2"; SCALE="--contexts 1e3 1e4 --segment 64 --dim 32 --n-basis 32 --repeats 2"; TESTS="tests/test_continuous_read.py"
+  STEPS="--repeats 2"; MODULE="--batch 2 --segment 64 --dim 48 --basis 64 --repeats 2"
+  SCALE="--contexts 1e3 1e4 --segment 64 --dim 32 --n-basis 32 --repeats 2"; TESTS="tests/test_continuous_read.py"
 else
   SORT="--batch 8 --segment 1024 --dim 300 --heads 6 --basis 512"; READ="--repeats 25"
   STEPS="--repeats 20"; MODULE="--repeats 15"; SCALE="--contexts 1e3 1e4 1e5 1e6 --segment 256 --dim 128 --repeats 15"
-  TESTS="tests/test_continuous_read.py tests/test_continuous.py tests/test_continuous_fit.py tests/test_compile.py"
+  TESTS="tests"
 fi
+XDIST=""; $PY -c "import xdist" 2>/dev/null && [ "$DEVICE" != cpu ] && XDIST="-n 8"
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null || echo "no nvidia-smi"
-  $PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"; } | tee "$OUT/device.txt"
+  $PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"; git rev-parse HEAD 2>/dev/null; } \
+  | tee "$RES/device.txt"
 
 # 1. the read (fused SDPA read vs dense vs attention over N keys), fp32 then bf16 autocast
-timeout 150 $PY -m benchmarks.continuous_read --device "$DEVICE" $READ --out "$OUT/read_fp32.json" 2>&1 | tee "$OUT/read.log"
-timeout 120 $PY -m benchmarks.continuous_read --device "$DEVICE" --autocast bf16 $READ --out "$OUT/read_bf16.json" 2>&1 | tee -a "$OUT/read.log"
-# 2. a training step at the paper's sorting sizes: none / xl (mem_len = N) / continuous, eager and compiled,
-#    kernel launches per step; fp32 then bf16 (the issue: continuous ÷ xl ≤ 1.1, bf16 faster than fp32)
+{ lim 60 $PY -m benchmarks.continuous_read --device "$DEVICE" $READ --out "$RES/read_fp32.json"
+  lim 60 $PY -m benchmarks.continuous_read --device "$DEVICE" --autocast bf16 $READ --out "$RES/read_bf16.json"
+} 2>&1 | tee "$RES/read.log"; pack
+# 2. a training step at the paper's sorting sizes: none / xl (mem_len = N) / continuous, eager, kernel
+#    launches per step; fp32 then bf16 (the issue: continuous ÷ xl ≤ 1.1, bf16 faster than fp32)
 for dt in fp32 bf16; do
-  timeout 200 $PY -m benchmarks.continuous_step --device "$DEVICE" $SORT $STEPS --dtype $dt --compile \
-    --out "$OUT/step_$dt.json" 2>&1 | grep -v "^USDT" | tee -a "$OUT/step.log"
-done
+  lim 90 $PY -m benchmarks.continuous_step --device "$DEVICE" $SORT $STEPS --dtype $dt --out "$RES/step_$dt.json"
+done 2>&1 | grep -v "^USDT" | tee "$RES/step.log"; pack
 # 3. the module alone at the sorting sizes (time, peak memory; the issue compares it with the authors' release)
-timeout 90 $PY -m benchmarks.continuous_module --device "$DEVICE" $MODULE --out "$OUT/module_fp32.json" 2>&1 | tee "$OUT/module.log"
-timeout 60 $PY -m benchmarks.continuous_module --device "$DEVICE" $MODULE --autocast bf16 --out "$OUT/module_bf16.json" 2>&1 | tee -a "$OUT/module.log"
-# 4. per-segment time and peak memory as the context grows (goal: 10^6 ÷ 10^3 ≤ 1.05)
-timeout 120 $PY -m benchmarks.continuous_scaling --device "$DEVICE" $SCALE --out "$OUT/scaling.json" 2>&1 | tee "$OUT/scaling.log"
-# 5. the continuous memory's tests and the compile tests on the device
-MEMORY_PLUGINS_TEST_DEVICE=$DEVICE timeout 200 $PY -m pytest -q -p no:cacheprovider $TESTS 2>&1 | tail -30 | tee "$OUT/pytest.log"
+{ lim 60 $PY -m benchmarks.continuous_module --device "$DEVICE" $MODULE --out "$RES/module_fp32.json"
+  lim 45 $PY -m benchmarks.continuous_module --device "$DEVICE" $MODULE --autocast bf16 --out "$RES/module_bf16.json"
+} 2>&1 | tee "$RES/module.log"; pack
+# 4. the test suite on the device
+MEMORY_PLUGINS_TEST_DEVICE=$DEVICE lim 150 $PY -m pytest -q -p no:cacheprovider --tb=short -rfE $XDIST $TESTS \
+  >"$RES/pytest.log" 2>&1; grep -E "^(FAILED|ERROR)" "$RES/pytest.log"; tail -1 "$RES/pytest.log"; pack
+# 5. per-segment time and peak memory as the context grows (goal: 10^6 ÷ 10^3 ≤ 1.05)
+lim 90 $PY -m benchmarks.continuous_scaling --device "$DEVICE" $SCALE --out "$RES/scaling.json" 2>&1 | tee "$RES/scaling.log"; pack
+# 6. the step under torch.compile (fp32, xl and continuous): time, graph breaks, loss against eager
+lim 180 $PY -m benchmarks.continuous_step --device "$DEVICE" $SORT $STEPS --memories xl continuous --compile --out "$RES/step_compiled_fp32.json" \
+  2>&1 | grep -v "^USDT" | tee "$RES/step_compiled.log"; pack
+echo "done in $(( $(date +%s) - START ))s"
