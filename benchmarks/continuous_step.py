@@ -9,13 +9,17 @@ interleaved so that machine noise hits every memory alike:
 
 * median step time and its ratio to ``xl`` (the issue's goal: continuous ≤ 1.1 × xl);
 * operators per step (torch.profiler events of one step: every ``aten::`` call, the compute ops among
-  them, and on CUDA the kernel launches);
+  them, the autograd nodes of its backward, and on CUDA the kernel launches);
 * with ``--compile``: the same step under ``torch.compile``, its time, the graph breaks that
   ``torch._dynamo.explain`` finds in one segment's forward, and the largest difference of its loss
   from eager's.
 
     python -m benchmarks.continuous_step --threads 1                      # CPU shapes of the issue
     python -m benchmarks.continuous_step --device cuda --batch 8 --segment 1024 --dim 300 --heads 6 --basis 512
+
+At tiny shapes on a CPU the step is bound by host overhead per op, as a GPU step is by launches at the
+paper's sizes: ``--batch 1 --segment 32 --dim 48 --basis 64 --foreach`` (AdamW's multi-tensor path,
+CUDA's default) gives a CPU proxy for the GPU's eager ratio.
 """
 
 from __future__ import annotations
@@ -71,8 +75,9 @@ NO_COMPUTE = frozenset(f"aten::{name}" for name in (  # views, metadata and allo
 def operators(model: torch.nn.Module, opt: torch.optim.Optimizer, tokens: torch.Tensor, device: torch.device,
               dtype: torch.dtype | None) -> dict[str, int]:
     """aten operator calls of one step: all of them, and the compute ops among them (leaf ops that are
-    not views, metadata or allocation: what runs a kernel, one launch each on a GPU); on CUDA also the
-    kernel launches the profiler saw."""
+    not views, metadata or allocation: what runs a kernel, one launch each on a GPU); the autograd
+    nodes its backward ran (each costs host time, whatever the device); on CUDA also the kernel
+    launches the profiler saw."""
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities) as prof:
         step(model, opt, tokens, dtype)
@@ -81,7 +86,8 @@ def operators(model: torch.nn.Module, opt: torch.optim.Optimizer, tokens: torch.
     aten = [e for e in events if e.name.startswith("aten::")]
     compute = [e for e in aten if e.name not in NO_COMPUTE
                and not any(c.name.startswith("aten::") and c.name not in NO_COMPUTE for c in e.cpu_children)]
-    out = {"aten_ops": len(aten), "compute_ops": len(compute)}
+    nodes = sum(1 for e in events if e.name.startswith("autograd::engine::evaluate_function"))
+    out = {"aten_ops": len(aten), "compute_ops": len(compute), "autograd_nodes": nodes}
     if device.type == "cuda":
         out["kernel_launches"] = sum(1 for e in events if e.name in ("cudaLaunchKernel", "cuLaunchKernel",
                                                                       "cudaLaunchKernelExC"))
@@ -95,6 +101,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--repeats", type=int, default=15)
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     p.add_argument("--memories", nargs="*", default=["none", "xl", "continuous"])
+    p.add_argument("--foreach", action="store_true", help="AdamW's multi-tensor path (CUDA's default) on any device")
     p.add_argument("--compile", action="store_true", help="also time the step under torch.compile")
     p.add_argument("--compile-mode", default="default", choices=["default", "reduce-overhead", "max-autotune"],
                    help="torch.compile's mode (reduce-overhead: CUDA graphs where inductor can capture)")
@@ -109,7 +116,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     runs: dict[str, dict[str, Any]] = {}
     for memory in args.memories:
         model = build(memory, args, device).train()
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=args.foreach or None)
         for tokens in data + data:  # fill the memory, warm up the allocator
             step(model, opt, tokens, dtype)
         runs[memory] = {"model": model, "opt": opt, "times": []}
@@ -132,10 +139,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for row in rows:
         row["ratio_to_xl"] = row["step_ms"] / xl["step_ms"] if xl else None
     cuda = device.type == "cuda"
-    print(f"{'memory':<12}{'step ms':>10}{'÷ xl':>8}{'aten ops':>10}{'compute':>9}" + (f"{'launches':>10}" if cuda else "")
+    print(f"{'memory':<12}{'step ms':>10}{'÷ xl':>8}{'aten ops':>10}{'compute':>9}{'nodes':>7}" + (f"{'launches':>10}" if cuda else "")
           + ("  compiled ms  breaks  |Δloss|" if args.compile else ""))
     for row in rows:
-        line = f"{row['memory']:<12}{row['step_ms']:>10.1f}{(row['ratio_to_xl'] or 0):>8.2f}{row['aten_ops']:>10}{row['compute_ops']:>9}"
+        line = (f"{row['memory']:<12}{row['step_ms']:>10.1f}{(row['ratio_to_xl'] or 0):>8.2f}{row['aten_ops']:>10}"
+                f"{row['compute_ops']:>9}{row['autograd_nodes']:>7}")
         line += f"{row['kernel_launches']:>10}" if cuda else ""
         if args.compile:
             line += f"  {row['compiled_step_ms']:>11.1f}  {row['graph_breaks']:>6}  {row['max_loss_diff']:.1e}"
