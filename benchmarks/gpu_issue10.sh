@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU half of issue 10 in one device session: the continuous memory's read and training step against
 # attention / XL at the paper's sorting sizes, fp32 and bf16, kernel launches per step, the module alone,
-# the whole test suite on CUDA, per-segment time up to 10^6 tokens, and the compiled step.
+# the whole test suite on CUDA, per-segment time up to 10^6 tokens, the compiled step, and CUDA graphs.
 # The script keeps to a budget of BUDGET seconds (default 480): each step gets at most what is left, and
 # the most wanted figures come first. Results land in RES (default benchmarks/results/gpu_issue10); with
 # PACK=file.tgz they are also packed into that one file after every step (the device tool returns 8 files).
@@ -69,4 +69,10 @@ lim 90 $PY -m benchmarks.continuous_scaling --device "$DEVICE" $SCALE --out "$RE
 # 6. the step under torch.compile (fp32, xl and continuous): time, graph breaks, loss against eager
 lim 180 $PY -m benchmarks.continuous_step --device "$DEVICE" $SORT $STEPS --memories xl continuous --compile --out "$RES/step_compiled_fp32.json" \
   2>&1 | grep -v "^USDT" | tee "$RES/step_compiled.log"; pack
+# 7. CUDA graphs (torch.compile mode reduce-overhead), one memory per run: a failure of one keeps the other
+for mem in xl continuous; do
+  lim 90 $PY -m benchmarks.continuous_step --device "$DEVICE" $SORT $STEPS --memories $mem --compile \
+    --compile-mode reduce-overhead --out "$RES/step_reduce_overhead_$mem.json" >"$RES/step_reduce_overhead_$mem.log" 2>&1
+  grep -E "^$mem |Error|skipping cudagraphs" "$RES/step_reduce_overhead_$mem.log" | cut -c1-240 | head -5
+done; pack
 echo "done in $(( $(date +%s) - START ))s"
