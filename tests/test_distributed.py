@@ -25,6 +25,8 @@ import memory_plugins as mp
 from memory_plugins import distributed
 from memory_plugins.models.reference import ReferenceDecoder
 
+pytestmark = pytest.mark.usefixtures("on_cpu")  # gloo ranks on the CPU, and the one-process replay beside them
+
 WORLD, STEPS, SEG, BATCH, VOCAB = 2, 3, 8, 2, 50
 CASES: dict[str, tuple[str, dict[str, Any]]] = {
     "xl": ("xl", {"mem_len": 16}),
