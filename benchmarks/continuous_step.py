@@ -94,11 +94,22 @@ def operators(model: torch.nn.Module, opt: torch.optim.Optimizer, tokens: torch.
     return out
 
 
+def add_step_args(p: argparse.ArgumentParser, repeats: int, **shape: int) -> None:
+    """The host's shape (b, n, e, h, N; ``shape`` the defaults), depth, device and timed repeats."""
+    add_shape_args(p, basis_help="N for continuous; mem_len for xl", **shape)
+    p.add_argument("--depth", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=repeats)
+
+
+def segments(args: argparse.Namespace, device: torch.device, count: int) -> list[torch.Tensor]:
+    """``count`` random token segments (b, n + 1), the same in every run."""
+    gen = torch.Generator().manual_seed(0)
+    return [torch.randint(0, VOCAB, (args.batch, args.segment + 1), generator=gen).to(device) for _ in range(count)]
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    add_shape_args(p, batch=4, segment=256, dim=192, heads=6, basis=256, basis_help="N for continuous; mem_len for xl")
-    p.add_argument("--depth", type=int, default=2)
-    p.add_argument("--repeats", type=int, default=15)
+    add_step_args(p, repeats=15, batch=4, segment=256, dim=192, heads=6, basis=256)
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     p.add_argument("--memories", nargs="*", default=["none", "xl", "continuous"])
     p.add_argument("--foreach", action="store_true", help="AdamW's multi-tensor path (CUDA's default) on any device")
@@ -111,8 +122,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     dtype = torch.bfloat16 if args.dtype == "bf16" else None
-    gen = torch.Generator().manual_seed(0)
-    data = [torch.randint(0, VOCAB, (args.batch, args.segment + 1), generator=gen).to(device) for _ in range(4)]
+    data = segments(args, device, 4)
     runs: dict[str, dict[str, Any]] = {}
     for memory in args.memories:
         model = build(memory, args, device).train()
