@@ -124,16 +124,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     data = segments(args, device, 3)
-    rows = [run_variant(memory, variant, args, device, data) for memory in args.memories for variant in VARIANTS[memory]]
-    print(f"{'memory':<12}{'variant':<26}{'eager ms':>10}{'compiled ms':>13}{'ratio':>7}  |Δloss| / error")
-    for r in rows:
-        if r["ok"]:
-            print(f"{r['memory']:<12}{r['variant']:<26}{r['eager_ms']:>10.1f}{r['compiled_ms']:>13.1f}{r['ratio']:>7.2f}"
-                  f"  {r['max_loss_diff']:.1e}")
-        else:
-            print(f"{r['memory']:<12}{r['variant']:<26}{'':>30}  {r['error']}")
-    result = {"args": vars(args), "torch": torch.__version__, "rows": rows}
-    write_result(result, args.out)
+    print(f"{'memory':<12}{'variant':<26}{'eager ms':>10}{'compiled ms':>13}{'ratio':>7}  |Δloss| / error", flush=True)
+    result: dict[str, Any] = {"args": vars(args), "torch": torch.__version__, "rows": []}
+    for memory in args.memories:
+        for variant in VARIANTS[memory]:  # each row printed and saved when done: a time limit keeps the finished ones
+            r = run_variant(memory, variant, args, device, data)
+            if r["ok"]:
+                print(f"{r['memory']:<12}{r['variant']:<26}{r['eager_ms']:>10.1f}{r['compiled_ms']:>13.1f}"
+                      f"{r['ratio']:>7.2f}  {r['max_loss_diff']:.1e}", flush=True)
+            else:
+                print(f"{r['memory']:<12}{r['variant']:<26}{'':>30}  {r['error']}", flush=True)
+            result["rows"].append(r)
+            write_result(result, args.out)
     return result
 
 
