@@ -8,7 +8,11 @@
 #   bash benchmarks/gpu_issue10.sh                                   # on the GPU machine, repository root
 #   RES=/tmp/gi10 PACK=$OUT/gpu_issue10.tgz bash benchmarks/gpu_issue10.sh   # through the device tool
 #   DEVICE=cpu SMALL=1 bash benchmarks/gpu_issue10.sh                # a dry run at toy sizes (CPU)
-# Extra packages the tests need (x-transformers and its deps) are installed from .whl/ when it exists.
+# Extra packages the tests need (x-transformers and its deps) are installed from .whl/ when it exists
+# (git ignores it; the device tool carries it with carry: [".whl"]). Made, here, with:
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#     --platform manylinux2014_x86_64 -d .whl x-transformers==2.31.10 einx==0.4.3 loguru==0.7.3 \
+#     torch-einops-utils==0.2.0 frozendict==2.5.1
 set -u
 RES=${RES:-benchmarks/results/gpu_issue10}
 PACK=${PACK:-}
