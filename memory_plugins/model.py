@@ -171,10 +171,7 @@ class MemoryModel(nn.Module):
         options = {k: tuple(v) if isinstance(v, list) else v for k, v in meta["options"].items() if k in fields}
         wrapped = wrap(model, meta["memory"], targets=meta["targets"], **options)
         p = next(model.parameters(), None)
-        device = p.device if p is not None else torch.device("cpu")
-        wrapped.memory.load_state_dict(_load_tensors(directory / MEMORY_WEIGHTS, device), strict=True)
-        if (directory / MEMORY_STATE).exists():
-            _read_state_file(wrapped, directory / MEMORY_STATE, device)
+        _read_memory_files(wrapped, directory, p.device if p is not None else torch.device("cpu"))
         return wrapped
 
     def unwrap(self) -> nn.Module:
@@ -242,6 +239,16 @@ def _write_state_file(model: MemoryModel, path: Path) -> None:
     flat = {f"{layer}|{key}": t for layer, s in state["layers"].items() if s is not None for key, t in s.items()}
     path.parent.mkdir(parents=True, exist_ok=True)
     _save_tensors(flat, path, {"fingerprint": state["fingerprint"]})
+
+
+def _read_memory_files(model: MemoryModel, directory: Path, device: torch.device,
+                       state_file: str = MEMORY_STATE) -> None:
+    """The memory weights and, if saved, the stream state (``state_file``) in ``directory`` onto
+    ``device``: what ``save_pretrained`` wrote (and, in a Trainer checkpoint of several processes,
+    each process's own state file)."""
+    model.memory.load_state_dict(_load_tensors(directory / MEMORY_WEIGHTS, device), strict=True)
+    if (directory / state_file).exists():
+        _read_state_file(model, directory / state_file, device)
 
 
 def _read_state_file(model: MemoryModel, path: Path, device: torch.device) -> None:

@@ -55,8 +55,7 @@ from torch import Tensor
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
 from memory_plugins.data import IGNORE, Document, DocumentStream, Segment
-from memory_plugins.model import (MEMORY_CONFIG, MEMORY_STATE, MEMORY_WEIGHTS, MemoryModel, _load_tensors,
-                                  _read_state_file, _write_state_file)
+from memory_plugins.model import MEMORY_CONFIG, MEMORY_STATE, MemoryModel, _read_memory_files, _write_state_file
 
 SEGMENT_KEYS = ("doc_start", "lane", "step")  # what MemoryTrainer takes out of a batch before the forward
 RANK_MEMORY_STATE = "memory_state_{}.safetensors"  # process r's stream state in a checkpoint of several processes
@@ -217,13 +216,10 @@ def _memory_model(trainer: Any, model: Any) -> MemoryModel:
 
 
 def _load_memory(model: MemoryModel, directory: Path, state_file: str = MEMORY_STATE) -> None:
-    """Memory weights and, if saved, the stream state (``state_file``) from a checkpoint that
-    ``save_pretrained`` (and, with several processes, each process's ``_write_state_file``) wrote."""
+    """Memory weights and, if saved, the stream state (``state_file``) of a checkpoint, onto the
+    memory's device."""
     p = next(model.memory.parameters(), None)
-    device = p.device if p is not None else torch.device("cpu")
-    model.memory.load_state_dict(_load_tensors(directory / MEMORY_WEIGHTS, device), strict=True)
-    if (directory / state_file).exists():
-        _read_state_file(model, directory / state_file, device)
+    _read_memory_files(model, directory, p.device if p is not None else torch.device("cpu"), state_file)
 
 
 @functools.cache
