@@ -25,6 +25,14 @@ def add_shape_args(p: argparse.ArgumentParser, batch: int, segment: int, dim: in
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
 
 
+def parse_shape_args(p: argparse.ArgumentParser, argv: list[str] | None) -> tuple[argparse.Namespace, torch.device]:
+    """Parse ``argv`` for a parser with :func:`add_shape_args`, apply ``--threads``, return (args, device)."""
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return args, torch.device(args.device)
+
+
 def sync(device: torch.device) -> None:
     """Wait for the device's queued work (CUDA runs asynchronously; a timer must not stop before it)."""
     if device.type == "cuda":

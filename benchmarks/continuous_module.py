@@ -31,7 +31,7 @@ import statistics
 import torch
 from torch import nn
 
-from benchmarks.bench_utils import add_shape_args, interleaved, sync, write_result
+from benchmarks.bench_utils import add_shape_args, interleaved, parse_shape_args, sync, write_result
 from benchmarks.continuous_scaling import TensorPeak
 from memory_plugins.continuous import ContinuousConfig, ContinuousMemory
 from memory_plugins.interface import AttentionDims
@@ -98,10 +98,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--repeats", type=int, default=9)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--out", default="benchmarks/results/continuous_module.json")
-    args = p.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
+    args, device = parse_shape_args(p, argv)
     autocast = torch.bfloat16 if args.autocast == "bf16" else None
     variants, states = {}, {}
     for impl in args.read_impls:

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
 import memory_plugins as mp
-from benchmarks.bench_utils import add_shape_args, sync, write_result
+from benchmarks.bench_utils import add_shape_args, parse_shape_args, sync, write_result
 from memory_plugins.models import ReferenceDecoder
 
 VOCAB = 256
@@ -117,10 +117,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--compile-mode", default="default", choices=["default", "reduce-overhead", "max-autotune"],
                    help="torch.compile's mode (reduce-overhead: CUDA graphs where inductor can capture)")
     p.add_argument("--out", default="benchmarks/results/continuous_step.json")
-    args = p.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
+    args, device = parse_shape_args(p, argv)
     dtype = torch.bfloat16 if args.dtype == "bf16" else None
     data = segments(args, device, 4)
     runs: dict[str, dict[str, Any]] = {}

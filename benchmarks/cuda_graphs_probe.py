@@ -36,7 +36,7 @@ from typing import Any, Iterator
 
 import torch
 
-from benchmarks.bench_utils import sync, write_result
+from benchmarks.bench_utils import parse_shape_args, sync, write_result
 from benchmarks.continuous_step import add_step_args, build, segments, step
 from memory_plugins.continuous.backend import ContinuousMemory
 from memory_plugins.controller import MemoryController
@@ -119,10 +119,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--mode", default="reduce-overhead")
     p.add_argument("--memories", nargs="*", default=list(VARIANTS))
     p.add_argument("--out", default="benchmarks/results/cuda_graphs_probe.json")
-    args = p.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
+    args, device = parse_shape_args(p, argv)
     data = segments(args, device, 3)
     print(f"{'memory':<12}{'variant':<26}{'eager ms':>10}{'compiled ms':>13}{'ratio':>7}  |Δloss| / error", flush=True)
     result: dict[str, Any] = {"args": vars(args), "torch": torch.__version__, "rows": []}
