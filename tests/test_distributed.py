@@ -9,7 +9,6 @@ ranks, and rank r's memory state that of rank r's data (each rank keeps its own 
 
 from __future__ import annotations
 
-import os
 import socket
 from pathlib import Path
 from typing import Any
@@ -150,15 +149,9 @@ def free_port() -> int:
 def runs(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
     """Both ranks' results of every run (one spawn of 2 gloo processes for the whole file)."""
     out = tmp_path_factory.mktemp("ddp")
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    os.environ["CUDA_VISIBLE_DEVICES"] = ""  # gloo on the CPU: on a GPU host too, the ranks see no GPU (FSDP2 would take it)
-    try:
+    with pytest.MonkeyPatch.context() as patch:  # gloo on the CPU: on a GPU host too, the ranks see no GPU
+        patch.setenv("CUDA_VISIBLE_DEVICES", "")  # (FSDP2 would take it)
         tmp.spawn(worker, args=(free_port(), str(out)), nprocs=WORLD, join=True)
-    finally:
-        if visible is None:
-            del os.environ["CUDA_VISIBLE_DEVICES"]
-        else:
-            os.environ["CUDA_VISIBLE_DEVICES"] = visible
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
 
 
@@ -166,8 +159,7 @@ def replay(case: str) -> tuple[dict[str, Tensor], list[dict[str, Tensor]], dict[
     """DDP in one process: a model per rank from rank 0's weights, each on its rank's data, the
     gradients averaged as DDP does (g₀/2 + g₁/2) before every step. Returns the parameters, each
     rank's memory state and the initial parameters."""
-    with torch.device("cpu"):
-        models = [build(case, seed=0) for _ in range(WORLD)]
+    models = [build(case, seed=0) for _ in range(WORLD)]  # on the CPU (on_cpu), like the gloo ranks
     initial = {n: p.detach().clone() for n, p in models[0].named_parameters()}
     opts = [torch.optim.SGD(m.parameters(), lr=0.5) for m in models]
     tokens = [stream(r) for r in range(WORLD)]
