@@ -53,16 +53,46 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from .. import fifo
 from ..distributed import refuse_sharded_step
+from ..graph_ops import graph_op
 from ..interface import HostAttention, MemoryRead, MemoryState
 from ..registry import register_memory
-from .basis import BasisCache, basis_values, get_cache
+from .basis import BasisCache, basis_values, batched_fit, get_cache
 from .config import ContinuousConfig
 from .read import compute_dtype, gaussian_read
 from .sticky import advance_rng, attention_histogram, initial_rng, sample_locations, uniform_histogram
+
+
+def _fit_matrices_fake(valid: Tensor, has: Tensor, g_new: Tensor, first: Tensor, other: Tensor, *args: Any,
+                       ) -> tuple[Tensor, Tensor]:
+    b = valid.shape[0]
+    return g_new.new_empty(b, *g_new.shape), other.new_empty(b, *other.shape)  # (b, N, P), (b, N, N) | (b, M, N)
+
+
+@graph_op("continuous_fit_matrices", fake=_fit_matrices_fake)
+def fit_matrices(valid: Tensor, has: Tensor, g_new: Tensor, first: Tensor, other: Tensor, num_past: int,
+                 n_basis: int, widths: list[float], ridge: float, tau: float, pad: bool,
+                 linear: bool) -> tuple[Tensor, Tensor]:
+    """Each sample's fit matrices for the update of a compiled step: ``(G_newᵀ (b, N, P), T (b, N, N)
+    or G_past (b, M, N))``, fresh tensors.
+
+    ``valid`` (b, P) the pending slots, ``has`` (b,) which samples have an LTM; ``g_new``, ``first``
+    (N, P) and ``other`` (N, N) or (M, N) the one layout's cached matrices (:meth:`BasisCache.layout`).
+    Every slot valid (the steady state): those, with a first fit's G for samples without LTM.
+    Otherwise each sample's own layout, solved in float64 (:func:`.basis.batched_fit`). The choice
+    reads ``valid`` on the host, which is why this is one operator that a compiled graph calls
+    eagerly (:mod:`memory_plugins.graph_ops`). The matrices are constants of the loss: no gradient.
+    """
+    b = valid.shape[0]
+    if bool(valid.all()):
+        return (torch.where(has[:, None, None], g_new, first),  # (b, N, P)
+                other.expand(b, -1, -1).clone())  # (b, N, N) or (b, M, N)
+    fit_new, fit_other = batched_fit(valid.sum(dim=1), has, num_past, g_new.shape[1], linear, n_basis, widths,
+                                     ridge, tau, pad)  # float64
+    return fit_new.to(g_new.dtype).contiguous(), fit_other.to(other.dtype).contiguous()
 
 
 @register_memory("continuous", ContinuousConfig)
@@ -167,8 +197,8 @@ class ContinuousMemory(nn.Module):
         with torch.autocast(device_type=coef.device.type, enabled=False):
             x_new = x_new.to(coef.dtype)  # (b, P, e)
             dev, dt = coef.device, coef.dtype
-            if torch.compiler.is_compiling():  # no host sync, no graph break: torch.cond picks the fit
-                g_new, other = self.compiled_fit(valid, count, has, m, p, dev, dt)  # (b, N, P), (b, N, N) | (b, M, N)
+            if torch.compiler.is_compiling():  # one operator picks the fit: no graph break, CUDA graphs around it
+                g_new, other = self.compiled_fit(valid, has, m, p, dev, dt)  # (b, N, P), (b, N, N) | (b, M, N)
                 g_past, transition = (None, other) if not cfg.sticky else (other, None)
             elif bool(valid.all()):  # one layout for the whole batch: shared matrices, no per-sample copies
                 g = self.cache.regression(m, p, dev, dt)  # (M + P, N)
@@ -202,29 +232,15 @@ class ContinuousMemory(nn.Module):
             coef = torch.where((count > 0)[:, None, None], fitted, coef)  # (b, N, e)
         return coef, has | (count > 0)
 
-    def compiled_fit(self, valid: Tensor, count: Tensor, has: Tensor, m: int, p: int, dev: torch.device,
+    def compiled_fit(self, valid: Tensor, has: Tensor, m: int, p: int, dev: torch.device,
                      dt: torch.dtype) -> tuple[Tensor, Tensor]:
         """The update's fit matrices under ``torch.compile``: ``(G_newᵀ (b, N, P), T (b, N, N) or G_past
-        (b, M, N))`` per sample, chosen by ``torch.cond`` on whether every pending slot is valid.
-
-        All valid (the steady state): the cached matrices of the one layout (a first fit's G for samples
-        without LTM). Otherwise: :meth:`BasisCache.batched_fit`, each sample's own layout solved in the
-        graph (float64), which only runs when some sample has padding. The matrices are constants of
-        the loss (no gradient), so the condition needs no autograd.
-        """
-        linear = not self.config.sticky
-        b = count.shape[0]
-        consts = self.cache.layout(m, p, dev, dt, linear)  # (N, P), (N, P), (N, N) or (M, N)
-
-        def one_layout(count: Tensor, has: Tensor, g_new: Tensor, first: Tensor, other: Tensor) -> tuple[Tensor, Tensor]:
-            g_new = torch.where(has[:, None, None], g_new, first)  # (b, N, P)
-            return g_new, other.expand(b, -1, -1).clone()  # (b, N, P), (b, N, N) or (b, M, N)
-
-        def per_sample(count: Tensor, has: Tensor, *consts: Tensor) -> tuple[Tensor, Tensor]:
-            g_new, other = self.cache.batched_fit(count, has, m, p, linear)  # float64
-            return g_new.to(dt).contiguous(), other.to(dt).contiguous()  # (b, N, P), (b, N, N) or (b, M, N)
-
-        return torch.cond(valid.all(), one_layout, per_sample, (count, has, *consts))
+        (b, M, N))`` per sample, from :func:`fit_matrices` (one opaque operator in the graph, no
+        ``torch.cond``: see :mod:`memory_plugins.graph_ops`)."""
+        cache, linear = self.cache, not self.config.sticky
+        g_new, first, other = cache.layout(m, p, dev, dt, linear)  # (N, P), (N, P), (N, N) or (M, N)
+        return fit_matrices(valid, has, g_new, first, other, m, cache.n_basis, list(cache.widths), cache.ridge,
+                            cache.tau, cache.pad, linear)
 
     def past_share(self, state: MemoryState, coef: Tensor, g_past: Tensor, transition: Tensor | None) -> Tensor:
         """The old signal's share of the refit (b, N, e): G_pastᵀ X_past with X_past = B ψ(t_m) sampled

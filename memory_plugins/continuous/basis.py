@@ -16,7 +16,7 @@ float64 with a Cholesky solve (never an explicit inverse) and then kept, in floa
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -258,46 +258,9 @@ class BasisCache(nn.Module):
 
     def batched_fit(self, count: Tensor, has: Tensor, num_past: int, num_new: int,
                     transition: bool) -> tuple[Tensor, Tensor]:
-        """Every sample's own fit matrices at once, for P right-aligned slots of which sample i's last
-        k_i are valid (``count`` (b,)), as a past update (``has`` (b,) True) or a first fit over [0, 1].
-
-        Returns ``(g_new (b, N, P), other)`` in float64: g_new[i] is G_newᵀ of sample i's layout (zero
-        columns for its invalid slots); ``other`` is the transition T (b, N, N) with ``transition``, else
-        the past rows G_past (b, M, N). The same matrices as :meth:`regression` / :meth:`transition`
-        per layout, solved here per sample (float64 Cholesky) without a host sync or a data-dependent
-        branch: what a compiled update runs when some sample has padding (``torch.cond``).
-        """
-        dt, dev = torch.float64, count.device
-        m, p, b = int(num_past), int(num_new), count.shape[0]
-        c, w = (t.to(dev) for t in rbf_basis(self.n_basis, self.widths))  # (N,), (N,) float64
-        var = w * w  # (N,)
-        k = count.to(dt)  # (b,)
-        rank = torch.arange(p, device=dev, dtype=dt) - (p - k[:, None])  # (b, P) rank among the valid slots
-        frac = (rank + 0.5) / k.clamp_min(1.0)[:, None]  # (b, P) cell centres of [0, 1]
-        t_new = torch.where(has[:, None], self.tau + (1.0 - self.tau) * frac, frac)  # (b, P)
-        f_new = gaussian(t_new[..., None], c, var) * (rank >= 0).to(dt)[..., None]  # (b, P, N) zero rows: invalid
-        f_past = gaussian(cell_centres(m, 0.0, self.tau, dt).to(dev)[:, None], c, var)  # (M, N)
-        a = f_new.transpose(1, 2) @ f_new  # (b, N, N)
-        a = a + has.to(dt)[:, None, None] * (f_past.T @ f_past)  # (b, N, N) past samples, with an LTM only
-        a = a + self.ridge * torch.eye(self.n_basis, device=dev, dtype=dt)  # (b, N, N)
-        if self.pad:  # Z_i = ⌈L_i·extent⌉ zeros each side at sample i's density (padding_positions)
-            points = k + m * has.to(dt)  # (b,) L_i
-            z = torch.ceil(points * PAD_EXTENT - 1e-9).clamp_min(1.0)  # (b,)
-            z_max = max(1, math.ceil((m + p) * PAD_EXTENT - 1e-9))
-            i = torch.arange(z_max, device=dev, dtype=dt)  # (Z,)
-            cell = PAD_EXTENT * (i + 0.5) / z[:, None]  # (b, Z)
-            weight = PAD_WEIGHT * (i < z[:, None]).to(dt)  # (b, Z) the unused points weigh nothing
-            for t_z in (cell - PAD_EXTENT, 1.0 + cell):  # left, right (b, Z)
-                f_z = gaussian(t_z[..., None], c, var)  # (b, Z, N)
-                a = a + f_z.transpose(1, 2) @ (weight[..., None] * f_z)  # (b, N, N)
-        chol = torch.linalg.cholesky_ex(a)[0]  # (b, N, N) lower; SPD by construction (λ > 0)
-        g_new = torch.cholesky_solve(f_new.transpose(1, 2), chol)  # (b, N, P) = ((A⁻¹ F_new)ᵀ)ᵀ
-        if transition:
-            psi = gaussian(cell_centres(m, 0.0, 1.0, dt).to(dev)[:, None], c, var)  # (M, N) where the old signal is read
-            other = torch.cholesky_solve((f_past.T @ psi).expand(b, -1, -1), chol)  # (b, N, N) T = G_pastᵀ Ψ
-        else:
-            other = torch.cholesky_solve(f_past.T.expand(b, -1, -1), chol).transpose(1, 2)  # (b, M, N) G_past
-        return g_new, other
+        """:func:`batched_fit` with this cache's basis, ridge, τ and padding."""
+        return batched_fit(count, has, num_past, num_new, transition, self.n_basis, self.widths, self.ridge,
+                           self.tau, self.pad)
 
     def check_stable(self, num_past: int) -> None:
         """Refuse settings whose unbounded update amplifies old content (it would overflow).
@@ -338,6 +301,51 @@ class BasisCache(nn.Module):
         cached = sorted(self.matrices)
         return (f"N={self.n_basis}, widths={self.widths}, ridge={self.ridge}, tau={self.tau}, pad={self.pad}, "
                 f"cached={cached}")
+
+
+def batched_fit(count: Tensor, has: Tensor, num_past: int, num_new: int, transition: bool, n_basis: int,
+            widths: Sequence[float], ridge: float, tau: float, pad: bool) -> tuple[Tensor, Tensor]:
+    """Every sample's own fit matrices at once, for P right-aligned slots of which sample i's last
+    k_i are valid (``count`` (b,)), as a past update (``has`` (b,) True) or a first fit over [0, 1].
+
+    Returns ``(g_new (b, N, P), other)`` in float64: g_new[i] is G_newᵀ of sample i's layout (zero
+    columns for its invalid slots); ``other`` is the transition T (b, N, N) with ``transition``, else
+    the past rows G_past (b, M, N). The same matrices as :meth:`BasisCache.regression` /
+    :meth:`BasisCache.transition` per layout, solved here per sample (float64 Cholesky) without a host
+    sync or a data-dependent branch: what a compiled update runs when some sample has padding
+    (:func:`.backend.fit_matrices`).
+    """
+    dt, dev = torch.float64, count.device
+    m, p, b = int(num_past), int(num_new), count.shape[0]
+    c, w = (t.to(dev) for t in rbf_basis(n_basis, tuple(widths)))  # (N,), (N,) float64
+    var = w * w  # (N,)
+    k = count.to(dt)  # (b,)
+    rank = torch.arange(p, device=dev, dtype=dt) - (p - k[:, None])  # (b, P) rank among the valid slots
+    frac = (rank + 0.5) / k.clamp_min(1.0)[:, None]  # (b, P) cell centres of [0, 1]
+    t_new = torch.where(has[:, None], tau + (1.0 - tau) * frac, frac)  # (b, P)
+    f_new = gaussian(t_new[..., None], c, var) * (rank >= 0).to(dt)[..., None]  # (b, P, N) zero rows: invalid
+    f_past = gaussian(cell_centres(m, 0.0, tau, dt).to(dev)[:, None], c, var)  # (M, N)
+    a = f_new.transpose(1, 2) @ f_new  # (b, N, N)
+    a = a + has.to(dt)[:, None, None] * (f_past.T @ f_past)  # (b, N, N) past samples, with an LTM only
+    a = a + ridge * torch.eye(n_basis, device=dev, dtype=dt)  # (b, N, N)
+    if pad:  # Z_i = ⌈L_i·extent⌉ zeros each side at sample i's density (padding_positions)
+        points = k + m * has.to(dt)  # (b,) L_i
+        z = torch.ceil(points * PAD_EXTENT - 1e-9).clamp_min(1.0)  # (b,)
+        z_max = max(1, math.ceil((m + p) * PAD_EXTENT - 1e-9))
+        i = torch.arange(z_max, device=dev, dtype=dt)  # (Z,)
+        cell = PAD_EXTENT * (i + 0.5) / z[:, None]  # (b, Z)
+        weight = PAD_WEIGHT * (i < z[:, None]).to(dt)  # (b, Z) the unused points weigh nothing
+        for t_z in (cell - PAD_EXTENT, 1.0 + cell):  # left, right (b, Z)
+            f_z = gaussian(t_z[..., None], c, var)  # (b, Z, N)
+            a = a + f_z.transpose(1, 2) @ (weight[..., None] * f_z)  # (b, N, N)
+    chol = torch.linalg.cholesky_ex(a)[0]  # (b, N, N) lower; SPD by construction (λ > 0)
+    g_new = torch.cholesky_solve(f_new.transpose(1, 2), chol)  # (b, N, P) = ((A⁻¹ F_new)ᵀ)ᵀ
+    if transition:
+        psi = gaussian(cell_centres(m, 0.0, 1.0, dt).to(dev)[:, None], c, var)  # (M, N) where the old signal is read
+        other = torch.cholesky_solve((f_past.T @ psi).expand(b, -1, -1), chol)  # (b, N, N) T = G_pastᵀ Ψ
+    else:
+        other = torch.cholesky_solve(f_past.T.expand(b, -1, -1), chol).transpose(1, 2)  # (b, M, N) G_past
+    return g_new, other
 
 
 def get_cache(
