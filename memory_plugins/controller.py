@@ -24,6 +24,7 @@ from typing import Any, Callable, ContextManager, Iterator
 import torch
 from torch import Tensor, nn
 
+from .graph_ops import copy_out
 from .interface import AttentionDims, HostAttention, MemoryRead, MemoryState
 
 STATE_FORMAT = 2  # version of the dict memory_state() returns
@@ -140,8 +141,15 @@ class MemoryController(nn.Module):
         self.in_forward = True
 
     def commit(self) -> None:
-        """The forward returned: every layer's staged state becomes its state, all at once."""
+        """The forward returned: every layer's staged state becomes its state, all at once.
+
+        In a compiled forward the states are copied out of the graph first (:func:`.graph_ops.copy_out`):
+        under CUDA graphs a graph's outputs are overwritten by its next replay, and the next step reads
+        these."""
+        compiling = torch.compiler.is_compiling()
         for i, s in self.staged.items():
+            if compiling:
+                s = dict(zip(s, copy_out(list(s.values()))))
             self.states[i] = s
         self.staged = {}
         self.in_forward = False

@@ -17,7 +17,10 @@ import torch
 import torch._dynamo
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch._dynamo.backends.common import aot_autograd
 from torch._dynamo.utils import counters
+from torch._inductor.utils import is_cudagraph_unsafe_fx_node
+from functorch.compile import make_boxed_func
 
 import memory_plugins as mp
 from memory_plugins.models.reference import ReferenceDecoder
@@ -108,13 +111,53 @@ def _segment(model: nn.Module, wrapped: mp.MemoryModel, tokens: Tensor, mask: Te
     return out.detach(), loss.detach()
 
 
-def _compare(host: str, name: str, backend: str = "aot_eager", masks: list[Tensor | None] | None = None,
+def _check_and_clear_gradients(eager: nn.Module, twin: nn.Module, where: str) -> None:
+    """Every parameter's gradient equal in both models (None counts as zero) within TOL; then cleared."""
+    for (pname, pe), pc in zip(eager.named_parameters(), twin.parameters()):
+        ge = torch.zeros_like(pe) if pe.grad is None else pe.grad
+        gc = torch.zeros_like(pc) if pc.grad is None else pc.grad
+        assert (ge - gc).abs().max().item() <= TOL, f"{where}: gradient of {pname}"
+    eager.zero_grad(set_to_none=True)
+    twin.zero_grad(set_to_none=True)
+
+
+def _recording(graphs: list[torch.fx.GraphModule]) -> Callable[..., Any]:
+    """``aot_eager`` that also appends every forward and backward graph it runs to ``graphs``."""
+    def keep(gm: torch.fx.GraphModule, example_inputs: Any) -> Callable[..., Any]:
+        graphs.append(gm)
+        return make_boxed_func(gm.forward)
+    return aot_autograd(fw_compiler=keep, bw_compiler=keep)
+
+
+def _check_cuda_graph_safe(graphs: list[torch.fx.GraphModule], layers: int, where: str) -> None:
+    """What ``mode="reduce-overhead"`` needs of a step's graphs: no control-flow operator (inductor gives
+    up CUDA graphs for a whole graph with a ``torch.cond``) and no other node that CUDA graphs cannot
+    hold (host syncs such as ``.item()``; inductor's own test) than the library's operators, which it
+    runs between captured parts; and every graph that commits the memory copies the state out of the
+    graph (``memory_plugins::copy_out``, once per layer), since a replay overwrites the graph's outputs."""
+    commits = 0
+    for gm in graphs:
+        calls = [n for n in gm.graph.nodes if n.op == "call_function"]
+        flow = [str(n.target) for n in calls if isinstance(n.target, torch._ops.HigherOrderOperator)]
+        assert not flow, f"{where}: control flow in a compiled graph: {flow}"
+        unsafe = {str(n.target) for n in calls if is_cudagraph_unsafe_fx_node(n)}
+        foreign = sorted(t for t in unsafe if not t.startswith("memory_plugins."))
+        assert not foreign, f"{where}: operators CUDA graphs cannot capture: {foreign}"
+        copies = sum(1 for n in calls if str(n.target) == "memory_plugins.copy_out.default")
+        assert copies in (0, layers), f"{where}: {copies} state copies in a graph of a {layers}-layer model"
+        commits += copies > 0
+    assert commits >= 2, f"{where}: {commits} graphs commit the memory (segment 0's and the steady state's expected)"
+
+
+def _compare(host: str, name: str, backend: str | None = None, masks: list[Tensor | None] | None = None,
              overrides: dict | None = None) -> list[int]:
-    """Train eager and compiled side by side; assert they agree; return the compiled frames after each segment."""
+    """Train eager and compiled side by side; assert they agree; return the compiled frames after each
+    segment. The default backend is ``aot_eager`` that keeps the graphs: they are checked as well."""
     eager, twin = _pair(host, name, overrides)
     torch._dynamo.reset()
     counters.clear()
-    compiled = torch.compile(twin, backend=backend)
+    graphs: list[torch.fx.GraphModule] = []
+    compiled = torch.compile(twin, backend=backend or _recording(graphs))
     frames = []
     gen = make_generator(1)
     for s in range(SEGMENTS):
@@ -126,13 +169,10 @@ def _compare(host: str, name: str, backend: str = "aot_eager", masks: list[Tenso
         where = f"{host}/{name} segment {s}"
         assert (out_e - out_c).abs().max().item() <= TOL, where
         assert abs(loss_e.item() - loss_c.item()) <= TOL, where
-        for (pname, pe), pc in zip(eager.named_parameters(), twin.parameters()):
-            ge = torch.zeros_like(pe) if pe.grad is None else pe.grad
-            gc = torch.zeros_like(pc) if pc.grad is None else pc.grad
-            assert (ge - gc).abs().max().item() <= TOL, f"{where}: gradient of {pname}"
-        eager.zero_grad(set_to_none=True)
-        twin.zero_grad(set_to_none=True)
+        _check_and_clear_gradients(eager, twin, where)
         assert _state_diff(eager.memory_state(), twin.memory_state()) <= TOL, f"{where}: memory state"
+    if backend is None:
+        _check_cuda_graph_safe(graphs, len(twin.memory.names), f"{host}/{name}")
     return frames
 
 
@@ -166,7 +206,7 @@ LINEAR = {"sticky": False, "stm_len": 0}  # the continuous memory's other update
 
 def test_padded_segments_compile_and_equal_eager() -> None:
     """Left padding gives each sample its own count of valid vectors: the continuous update's per-sample
-    fit (the false branch of its torch.cond, solved in the graph), the compaction of every FIFO."""
+    fit (solved by its fit operator, which the graph calls), the compaction of every FIFO."""
     masks: list[Tensor | None] = []
     for s in range(SEGMENTS):
         mask = torch.ones(B, N, dtype=torch.bool)  # (b, n)
@@ -188,3 +228,24 @@ def test_linear_spacing_compiles_without_graph_breaks() -> None:
 def test_inductor_training_equals_eager() -> None:
     """The default backend (C++ codegen on CPU) on the memory with the most code."""
     _check_compiles(_compare("reference", "continuous", backend="inductor"), "reference/continuous inductor")
+
+
+@pytest.mark.parametrize("name", ["xl", "continuous"])
+def test_gradients_cross_segments_through_the_copied_state(name: str) -> None:
+    """With ``detach=False`` the committed state keeps its graph: the compiled commit's state copy
+    (``memory_plugins::copy_out``) passes the gradient back to the segment that wrote it, as eager does.
+    Two segments, one backward over both losses, then the memory is detached."""
+    eager, twin = _pair("reference", name, {"detach": False})
+    torch._dynamo.reset()
+    compiled = torch.compile(twin, backend="aot_eager")
+    gen = make_generator(2)
+    for window in range(2):
+        segments = [torch.randint(2, V, (B, N), generator=gen) for _ in range(2)]  # (b, n) each
+        for model, wrapped in ((eager, eager), (compiled, twin)):
+            loss = sum(F.cross_entropy(_logits(model(t))[:, :-1].flatten(0, 1), t[:, 1:].flatten())
+                       + wrapped.memory_aux_loss() for t in segments)
+            loss.backward()
+            carried = [t.requires_grad for s in wrapped.memory.states for t in s.values()]
+            assert any(carried), f"{name}: the committed state holds no graph (detach=False)"
+            wrapped.detach_memory()
+        _check_and_clear_gradients(eager, twin, f"{name} window {window}")
