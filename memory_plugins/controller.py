@@ -69,9 +69,11 @@ def config_fingerprint(config: Any) -> str:
     """A short hash of a memory config's name and options: states are only valid for the same one.
 
     An option added in a later version (``metadata={"fingerprint_if_set": True}``) counts only when it
-    differs from its default, so that states saved before it existed keep their fingerprint."""
+    differs from its default, so that states saved before it existed keep their fingerprint. An option
+    that cannot change a state (``metadata={"fingerprint": False}``: a cache size) never counts."""
     options = {f.name: getattr(config, f.name) for f in fields(config)
-               if not (f.metadata.get("fingerprint_if_set") and getattr(config, f.name) == f.default)}
+               if f.metadata.get("fingerprint", True)
+               and not (f.metadata.get("fingerprint_if_set") and getattr(config, f.name) == f.default)}
     text = json.dumps({"memory": type(config).name, "options": options}, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 

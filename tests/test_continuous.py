@@ -111,6 +111,8 @@ def test_config_rejects_bad_values_naming_parameter_value_and_range() -> None:
         ContinuousConfig(ridge_lambda=0)
     with pytest.raises(ValueError, match=r"mu_prior must be a float in \[0.0, 1.0\], got 1.5"):
         ContinuousConfig(mu_prior=1.5)
+    with pytest.raises(ValueError, match=r"fit_cache_mib must be a float in \(0.0, inf\], got 0"):
+        ContinuousConfig(fit_cache_mib=0)
     with pytest.raises(TypeError, match="did you mean 'n_basis'"):
         mp.wrap(ReferenceDecoder(dim=16, depth=1, heads=2), "continuous", n_basi=8)
     cfg = ContinuousConfig(n_basis=6, basis_widths=[0.02, 0.1, 0.2])
@@ -637,6 +639,34 @@ def test_g_is_shared_by_layers_kept_out_of_state_dict_and_follows_the_model() ->
     out64 = [model(s) for s in segs][-1]
     assert out64.dtype == torch.float64 and "G_16_8_float64" in caches[0].matrices
     assert torch.isfinite(out64).all() and torch.isfinite(out32).all()
+
+
+def test_fit_matrices_stay_within_their_memory_bound_and_change_nothing() -> None:
+    """Padding gives every count of valid vectors its own fit matrices. Over a stream whose counts keep
+    changing, a bounded cache (``fit_cache_mib``) holds at most its bound while an unbounded one
+    grows past it, and both give the same outputs: an evicted layout is solved again, identically.
+    The bound is not part of the state: states of the two models are interchangeable."""
+    bound = 6 * 2**10  # bytes: a few of this model's layouts (N 16, M 16, P ≤ 8: 1–1.5 KiB per matrix)
+    torch.manual_seed(3)
+    base = _base(vocab=24)
+    small = mp.wrap(copy.deepcopy(base), "continuous", n_basis=16, basis_widths=WIDE, zero_init_output=False,
+                    fit_cache_mib=bound / 2**20)
+    large = mp.wrap(copy.deepcopy(base), "continuous", n_basis=16, basis_widths=WIDE, zero_init_output=False)
+    large.memory.load_state_dict(small.memory.state_dict())
+    caches = [next(m for m in w.memory.shared.values() if isinstance(m, BasisCache)) for w in (small, large)]
+    held = [lambda c=c: sum(t.numel() * t.element_size() for t in c.matrices.values()) for c in caches]
+    gen = torch.Generator().manual_seed(3)
+    for s in range(12):
+        tokens = torch.randint(0, 24, (2, 8), generator=gen)  # (b, n)
+        mask = torch.ones(2, 8, dtype=torch.bool)  # (b, n)
+        mask[0, : (s * 5) % 8] = False  # sample 0: 0 … 7 padded positions, every count in turn
+        with torch.no_grad():
+            out_small, out_large = small(tokens, mask=mask), large(tokens, mask=mask)  # (b, n, V) each
+        assert torch.equal(out_small, out_large), f"segment {s}"
+        assert held[0]() <= bound, f"segment {s}: {held[0]()} bytes of fit matrices, bound {bound}"
+    assert held[1]() > 2 * bound  # without the bound the same stream keeps more: the check can fail
+    assert small.memory.fingerprint == large.memory.fingerprint
+    large.set_memory_state(small.memory_state())  # strict: the bound does not make another state
 
 
 @pytest.mark.slow

@@ -120,7 +120,8 @@ class ContinuousMemory(nn.Module):
         self.sigma_map = nn.Linear(n_basis, 1, bias=False)
         if config.zero_init_output:
             nn.init.zeros_(self.to_out.weight)
-        cache = get_cache(shared, n_basis, config.basis_widths, config.ridge_lambda, config.tau, config.pad_fit)
+        cache = get_cache(shared, n_basis, config.basis_widths, config.ridge_lambda, config.tau, config.pad_fit,
+                          max_bytes=int(config.fit_cache_mib * 2**20))
         cache.check_stable(config.samples_per_update)  # a clear error now rather than an overflow later
         self.rng_stream = cache.next_stream()  # this layer's index among the cache's users: its sticky RNG stream
         object.__setattr__(self, "cache", cache)  # shared by all layers; registered once, in ``shared``

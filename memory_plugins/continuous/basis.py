@@ -16,6 +16,7 @@ float64 with a Cholesky solve (never an explicit inverse) and then kept, in floa
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 from typing import Callable, Sequence
 
 import torch
@@ -146,16 +147,20 @@ class BasisCache(nn.Module):
     different padding build different sets of them, and DDP's broadcast of module buffers from rank 0
     would then fail (and would copy megabytes of constants every step). Never in ``state_dict()``.
     Everything follows the model's *device* on ``.to()`` but keeps its dtype (float32, or float64 for
-    float64 states): G in bf16 would ruin the fit.
+    float64 states): G in bf16 would ruin the fit. The matrices take at most ``max_bytes`` together
+    (``ContinuousConfig.fit_cache_mib``), least recently used out first: padding adds a layout per
+    count of valid vectors, and a long padded stream would otherwise keep adding them.
     """
 
-    def __init__(self, n_basis: int, widths: tuple[float, ...], ridge: float, tau: float, pad: bool) -> None:
+    def __init__(self, n_basis: int, widths: tuple[float, ...], ridge: float, tau: float, pad: bool,
+                 max_bytes: int = 256 * 2**20) -> None:
         super().__init__()
         self.n_basis, self.widths, self.ridge, self.tau, self.pad = n_basis, tuple(widths), ridge, tau, pad
+        self.max_bytes = max_bytes
         c64, w64 = rbf_basis(n_basis, self.widths)  # (N,), (N,)
         self.register_buffer("centres", c64.float(), persistent=False)  # (N,)
         self.register_buffer("scales", w64.float(), persistent=False)  # (N,) the widths w_j
-        self.matrices: dict[str, Tensor] = {}  # name → G, T or the read's constants, built on first use
+        self.matrices: OrderedDict[str, Tensor] = OrderedDict()  # name → G, T or the read's constants, by last use
         self._checked: set[int] = set()  # values of M whose update was found stable
         self._streams = 0  # layers that asked for a stream index (next_stream)
 
@@ -182,7 +187,8 @@ class BasisCache(nn.Module):
         device = _canonical(device)
         buf = self.matrices.get(name)
         if buf is None or buf.device != device:
-            buf = self._store(name, build, device, dtype)
+            return self._store(name, build, device, dtype)
+        self.matrices.move_to_end(name)  # most recently used
         return buf
 
     @torch.compiler.disable
@@ -192,6 +198,11 @@ class BasisCache(nn.Module):
         with torch.no_grad():
             buf = build().to(device=device, dtype=dtype)
         self.matrices[name] = buf
+        self.matrices.move_to_end(name)
+        held = sum(t.numel() * t.element_size() for t in self.matrices.values())
+        while held > self.max_bytes and len(self.matrices) > 1:  # the newest stays, even alone over the bound
+            _, old = self.matrices.popitem(last=False)  # a caller still holding it keeps it alive until done
+            held -= old.numel() * old.element_size()
         return buf
 
     def basis(self, device: torch.device) -> tuple[Tensor, Tensor]:
@@ -349,11 +360,13 @@ def batched_fit(count: Tensor, has: Tensor, num_past: int, num_new: int, transit
 
 
 def get_cache(
-    shared: nn.ModuleDict, n_basis: int, widths: tuple[float, ...], ridge: float, tau: float, pad: bool
+    shared: nn.ModuleDict, n_basis: int, widths: tuple[float, ...], ridge: float, tau: float, pad: bool,
+    max_bytes: int = 256 * 2**20,
 ) -> BasisCache:
-    """The model-wide :class:`BasisCache` for these settings, created on first request."""
+    """The model-wide :class:`BasisCache` for these settings, created on first request (with
+    ``max_bytes`` for its matrices)."""
     name = BasisCache.key(n_basis, widths, ridge, tau, pad)
     if name not in shared:
-        shared[name] = BasisCache(n_basis, widths, ridge, tau, pad)
+        shared[name] = BasisCache(n_basis, widths, ridge, tau, pad, max_bytes)
     return shared[name]  # type: ignore[return-value]
 

@@ -63,6 +63,12 @@ class ContinuousConfig(MemoryConfig):
     * ``read_impl``: ``"sdpa"`` computes the Gaussian read as one fused attention over the N basis
       keys (never materialising the (b, h, n, N) densities, :mod:`.read`); ``"dense"`` materialises
       them (the reference; same values within float32 rounding).
+    * ``fit_cache_mib``: the most memory (MiB, on the model's device) that the fit matrices G and T
+      kept for reuse may take. Padding gives every count of valid vectors its own layout and
+      matrices (a document's last segment; about 4 MiB each at N = 512, n = 1,024); without a bound
+      a padded stream would keep adding them. Least recently used first out; an evicted layout is
+      solved again when it recurs (a float64 Cholesky, tens of ms). Not part of the state: changing
+      it keeps states loadable.
     """
 
     name: ClassVar[str] = "continuous"
@@ -87,6 +93,7 @@ class ContinuousConfig(MemoryConfig):
     mu_prior: float | None = None
     zero_init_output: bool = True
     read_impl: str = "sdpa"
+    fit_cache_mib: float = field(default=256.0, metadata={"fingerprint": False})
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -124,6 +131,7 @@ class ContinuousConfig(MemoryConfig):
             check_float(self, "mu_prior", 0.0, 1.0)
         check_bool(self, "zero_init_output")
         check_choice(self, "read_impl", ("sdpa", "dense"))
+        check_float(self, "fit_cache_mib", 0.0, low_open=True)
 
     @property
     def samples_per_update(self) -> int:
