@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The GPU half of issue 10 in one device session: the continuous memory's read and training step against
 # attention / XL at the paper's sorting sizes, fp32 and bf16, kernel launches per step, the module alone,
-# the whole test suite on CUDA, per-segment time up to 10^6 tokens, and the compiled step with and without
-# CUDA graphs.
+# the whole test suite on CUDA, per-segment time up to 10^6 tokens, the compiled step with and without
+# CUDA graphs, and what a padded count's fit matrices cost.
 # The script keeps to a budget of BUDGET seconds (default 600): each step gets at most what is left, and
 # what the CPU cannot check comes first (the suite on CUDA, CUDA graphs). Results land in RES (default
 # benchmarks/results/gpu_issue10); with PACK=file.tgz they are also packed into that one file after every
@@ -44,10 +44,11 @@ if [ "${SMALL:-0}" = 1 ]; then  # toy sizes: checks that every step runs, not a 
   SORT="--batch 2 --segment 64 --dim 48 --heads 6 --basis 32"; READ="--shapes small --repeats 2 --warmup 1"
   STEPS="--repeats 2"; MODULE="--batch 2 --segment 64 --dim 48 --basis 64 --repeats 2"
   SCALE="--contexts 1e3 1e4 --segment 64 --dim 32 --n-basis 32 --repeats 2"; TESTS="tests/test_continuous_read.py"
+  FITCACHE="--segment 64 --basis 64 --counts 3"
 else
   SORT="--batch 8 --segment 1024 --dim 300 --heads 6 --basis 512"; READ="--repeats 25"
   STEPS="--repeats 20"; MODULE="--repeats 15"; SCALE="--contexts 1e3 1e4 1e5 1e6 --segment 256 --dim 128 --repeats 15"
-  TESTS="tests"
+  TESTS="tests"; FITCACHE=""
 fi
 XDIST=""; $PY -c "import xdist" 2>/dev/null && [ "$DEVICE" != cpu ] && XDIST="-n 8"
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null || echo "no nvidia-smi"
@@ -78,4 +79,6 @@ done 2>&1 | grep -v "^USDT" | tee "$RES/step.log"; pack
 } 2>&1 | tee "$RES/module.log"; pack
 # 6. per-segment time and peak memory as the context grows (goal: 10^6 ÷ 10^3 ≤ 1.05)
 lim 90 $PY -m benchmarks.continuous_scaling --device "$DEVICE" $SCALE --out "$RES/scaling.json" 2>&1 | tee "$RES/scaling.log"; pack
+# 7. padding: solving a new count's fit matrices on the device, and the cache's size per count
+lim 60 $PY -m benchmarks.continuous_fit_cache --device "$DEVICE" $FITCACHE --out "$RES/fit_cache.json" 2>&1 | tee "$RES/fit_cache.log"; pack
 echo "done in $(( $(date +%s) - START ))s"

@@ -230,7 +230,7 @@ def test_inductor_training_equals_eager() -> None:
     _check_compiles(_compare("reference", "continuous", backend="inductor"), "reference/continuous inductor")
 
 
-@pytest.mark.parametrize("name", ["xl", "continuous"])
+@pytest.mark.parametrize("name", ["xl"])  # the copy is the controller's, the same for every memory (continuous: +19 s)
 def test_gradients_cross_segments_through_the_copied_state(name: str) -> None:
     """With ``detach=False`` the committed state keeps its graph: the compiled commit's state copy
     (``memory_plugins::copy_out``) passes the gradient back to the segment that wrote it, as eager does.

@@ -216,11 +216,13 @@ class ContinuousMemory(nn.Module):
                 g_rows = torch.zeros(b, p, cfg.n_basis, device=dev, dtype=dt)  # (b, P, N) zero rows: invalid slots
                 g_past = torch.zeros(b, m, cfg.n_basis, device=dev, dtype=dt)  # (b, M, N)
                 transition = None if cfg.sticky else torch.zeros(b, cfg.n_basis, cfg.n_basis, device=dev, dtype=dt)
+                firsts = not bool(has.all())  # some sample starts its LTM: first fits too (after a reset)
                 for k in sorted(set(count.tolist()) - {0}):
                     rows = count == k  # (b,) the samples with k valid vectors, in their last k slots
                     gk = self.cache.regression(m, k, dev, dt)  # (M + k, N)
                     g_rows[rows & has, p - k:] = gk[m:]  # (k, N) into each such sample's last k rows
-                    g_rows[rows & ~has, p - k:] = self.cache.regression(0, k, dev, dt)  # (k, N) a first fit
+                    if firsts:
+                        g_rows[rows & ~has, p - k:] = self.cache.regression(0, k, dev, dt)  # (k, N) a first fit
                     g_past[rows] = gk[:m]  # (M, N)
                     if transition is not None:
                         transition[rows] = self.cache.transition(m, k, dev, dt)  # (N, N)

@@ -114,12 +114,13 @@ def regression_matrix(
     changes and only the rows of the real positions are returned. Solved with a Cholesky
     factorisation of the SPD matrix (no explicit inverse).
     """
-    c, w = centres.to(torch.float64), widths.to(torch.float64)  # (N,), (N,)
+    dev = positions.device  # computed where the positions are
+    c, w = centres.to(dev, torch.float64), widths.to(dev, torch.float64)  # (N,), (N,)
     f = basis_values(positions.to(torch.float64), c, w).T  # (N, L)
-    a = f @ f.T + ridge * torch.eye(f.shape[0], dtype=torch.float64)  # (N, N) SPD
+    a = f @ f.T + ridge * torch.eye(f.shape[0], dtype=torch.float64, device=dev)  # (N, N) SPD
     if isinstance(pad, Tensor) or pad:
-        t_z = pad.to(torch.float64) if isinstance(pad, Tensor) else padding_positions(positions.numel())  # (Z',)
-        f_z = basis_values(t_z, c, w).T  # (N, Z')
+        t_z = pad if isinstance(pad, Tensor) else padding_positions(positions.numel())  # (Z',)
+        f_z = basis_values(t_z.to(dev, torch.float64), c, w).T  # (N, Z')
         a = a + pad_weight * (f_z @ f_z.T)  # (N, N)
     chol = torch.linalg.cholesky(a)  # (N, N) lower
     return torch.cholesky_solve(f, chol).T.contiguous()  # (L, N) = ((FFᵀ + …)⁻¹ F)ᵀ
@@ -161,6 +162,7 @@ class BasisCache(nn.Module):
         self.register_buffer("centres", c64.float(), persistent=False)  # (N,)
         self.register_buffer("scales", w64.float(), persistent=False)  # (N,) the widths w_j
         self.matrices: OrderedDict[str, Tensor] = OrderedDict()  # name → G, T or the read's constants, by last use
+        self._last_solve: tuple[tuple[int, int, str], Tensor] | None = None  # G and T of a layout share one solve
         self._checked: set[int] = set()  # values of M whose update was found stable
         self._streams = 0  # layers that asked for a stream index (next_stream)
 
@@ -219,15 +221,25 @@ class BasisCache(nn.Module):
         c = self.n_basis // len(self.widths)
         return centres[:c], scales[::c]  # (C,), (W,)
 
+    def _solve(self, num_past: int, num_new: int, device: torch.device) -> Tensor:
+        """G (M + P, N) of a layout in float64, solved on ``device`` (on the CPU where the device has no
+        float64). The last solve is kept: a layout's G and T are built one after the other from it."""
+        key = (num_past, num_new, str(device))
+        if self._last_solve is not None and self._last_solve[0] == key:
+            return self._last_solve[1]
+        c, w = rbf_basis(self.n_basis, self.widths)  # (N,), (N,) float64
+        positions = fit_positions(num_past, num_new, self.tau)  # (M + P,)
+        try:
+            g = regression_matrix(positions.to(device), c, w, self.ridge, self.pad)  # (M + P, N)
+        except (RuntimeError, TypeError):  # e.g. MPS, which has no float64
+            g = regression_matrix(positions, c, w, self.ridge, self.pad)  # (M + P, N) on the CPU
+        self._last_solve = (key, g)
+        return g
+
     def regression(self, num_past: int, num_new: int, device: torch.device, dtype: torch.dtype) -> Tensor:
         """G (M + P, N) for M past samples and P new vectors (M = 0: a first fit over [0, 1])."""
         name = f"G_{num_past}_{num_new}_{str(dtype).split('.')[-1]}"
-
-        def build() -> Tensor:
-            c, w = rbf_basis(self.n_basis, self.widths)  # (N,), (N,) float64
-            return regression_matrix(fit_positions(num_past, num_new, self.tau), c, w, self.ridge, self.pad)
-
-        return self._buffer(name, build, device, dtype)
+        return self._buffer(name, lambda: self._solve(num_past, num_new, _canonical(device)), device, dtype)
 
     def transition(self, num_past: int, num_new: int, device: torch.device, dtype: torch.dtype) -> Tensor:
         """T = G_pastᵀ Ψ (N, N) for linearly spaced samples: the old coefficients' share of the new
@@ -235,9 +247,9 @@ class BasisCache(nn.Module):
         name = f"T_{num_past}_{num_new}_{str(dtype).split('.')[-1]}"
 
         def build() -> Tensor:
-            c, w = rbf_basis(self.n_basis, self.widths)  # (N,), (N,) float64
-            g = regression_matrix(fit_positions(num_past, num_new, self.tau), c, w, self.ridge, self.pad)  # (L, N)
-            psi = basis_values(cell_centres(num_past, 0.0, 1.0), c, w)  # (M, N)
+            g = self._solve(num_past, num_new, _canonical(device))  # (L, N) float64
+            c, w = (t.to(g.device) for t in rbf_basis(self.n_basis, self.widths))  # (N,), (N,) float64
+            psi = basis_values(cell_centres(num_past, 0.0, 1.0).to(g.device), c, w)  # (M, N)
             return g[:num_past].T @ psi  # (N, N)
 
         return self._buffer(name, build, device, dtype)
