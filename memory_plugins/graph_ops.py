@@ -35,10 +35,11 @@ def graph_op(name: str, *, fake: Callable[..., Any], backward: Callable[..., Any
     def register(fn: Callable[..., Any]) -> Callable[..., Any]:
         if not hasattr(torch.library, "custom_op"):
             return torch.compiler.disable(fn) if hasattr(torch, "compiler") else fn
+        unsafe = getattr(getattr(torch, "Tag", None), "cudagraph_unsafe", None)
         try:
             op = torch.library.custom_op(f"memory_plugins::{name}", mutates_args=(),
-                                         tags=(torch.Tag.cudagraph_unsafe,))(fn)
-        except TypeError:  # no ``tags`` before torch 2.6: still opaque to Dynamo, split by nothing
+                                         tags=(unsafe,) if unsafe is not None else ())(fn)
+        except TypeError:  # no ``tags`` in older torch: still opaque to Dynamo, split by nothing
             op = torch.library.custom_op(f"memory_plugins::{name}", mutates_args=())(fn)
         op.register_fake(fake)
         if backward is not None:
