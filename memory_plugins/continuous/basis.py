@@ -179,6 +179,7 @@ class BasisCache(nn.Module):
 
     def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> "BasisCache":
         # Move buffers and matrices to the device ``fn`` targets, keeping their dtype (see the class docstring).
+        self._last_solve = None  # solved for the old device
         for store in (self._buffers, self.matrices):
             for name, buf in store.items():
                 if buf is not None:
@@ -327,7 +328,7 @@ class BasisCache(nn.Module):
 
 
 def batched_fit(count: Tensor, has: Tensor, num_past: int, num_new: int, transition: bool, n_basis: int,
-            widths: Sequence[float], ridge: float, tau: float, pad: bool) -> tuple[Tensor, Tensor]:
+                widths: Sequence[float], ridge: float, tau: float, pad: bool) -> tuple[Tensor, Tensor]:
     """Every sample's own fit matrices at once, for P right-aligned slots of which sample i's last
     k_i are valid (``count`` (b,)), as a past update (``has`` (b,) True) or a first fit over [0, 1].
 
