@@ -23,6 +23,7 @@ from torch._inductor.utils import is_cudagraph_unsafe_fx_node
 from functorch.compile import make_boxed_func
 
 import memory_plugins as mp
+from memory_plugins.continuous.basis import BasisCache
 from memory_plugins.models.reference import ReferenceDecoder
 
 from .conftest import SMALL_OPTIONS, make_generator
@@ -150,9 +151,10 @@ def _check_cuda_graph_safe(graphs: list[torch.fx.GraphModule], layers: int, wher
 
 
 def _compare(host: str, name: str, backend: str | None = None, masks: list[Tensor | None] | None = None,
-             overrides: dict | None = None) -> list[int]:
+             overrides: dict | None = None) -> tuple[list[int], mp.MemoryModel]:
     """Train eager and compiled side by side; assert they agree; return the compiled frames after each
-    segment. The default backend is ``aot_eager`` that keeps the graphs: they are checked as well."""
+    segment and the compiled model's wrapped module. The default backend is ``aot_eager`` that keeps
+    the graphs: they are checked as well."""
     eager, twin = _pair(host, name, overrides)
     torch._dynamo.reset()
     counters.clear()
@@ -173,7 +175,7 @@ def _compare(host: str, name: str, backend: str | None = None, masks: list[Tenso
         assert _state_diff(eager.memory_state(), twin.memory_state()) <= TOL, f"{where}: memory state"
     if backend is None:
         _check_cuda_graph_safe(graphs, len(twin.memory.names), f"{host}/{name}")
-    return frames
+    return frames, twin
 
 
 def _check_compiles(frames: list[int], where: str) -> None:
@@ -183,7 +185,7 @@ def _check_compiles(frames: list[int], where: str) -> None:
 
 @pytest.mark.parametrize("name", MEMORIES)
 def test_compiled_training_equals_eager_on_the_reference_decoder(name: str) -> None:
-    frames = _compare("reference", name)
+    frames, _ = _compare("reference", name)
     _check_compiles(frames, f"reference/{name}")
     assert sum(counters["graph_break"].values()) == 0, dict(counters["graph_break"])
 
@@ -192,13 +194,13 @@ def test_compiled_training_equals_eager_on_the_reference_decoder(name: str) -> N
 @pytest.mark.parametrize("host", ["x_transformers", "gpt2"])
 @pytest.mark.parametrize("name", MEMORIES)
 def test_compiled_training_equals_eager_on_every_host(host: str, name: str) -> None:
-    _check_compiles(_compare(host, name), f"{host}/{name}")
+    _check_compiles(_compare(host, name)[0], f"{host}/{name}")
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", MEMORIES)
 def test_compiled_training_equals_eager_on_llama(name: str) -> None:
-    _check_compiles(_compare("llama", name), f"llama/{name}")
+    _check_compiles(_compare("llama", name)[0], f"llama/{name}")
 
 
 LINEAR = {"sticky": False, "stm_len": 0}  # the continuous memory's other update: linear spacing, T B_old
@@ -206,28 +208,32 @@ LINEAR = {"sticky": False, "stm_len": 0}  # the continuous memory's other update
 
 def test_padded_segments_compile_and_equal_eager() -> None:
     """Left padding gives each sample its own count of valid vectors: the continuous update's per-sample
-    fit (solved by its fit operator, which the graph calls), the compaction of every FIFO."""
+    fit (its fit operator, which the graph calls, takes the model's cached per-count matrices, as eager
+    code does), the compaction of every FIFO."""
     masks: list[Tensor | None] = []
     for s in range(SEGMENTS):
         mask = torch.ones(B, N, dtype=torch.bool)  # (b, n)
         mask[0, : (s % 3) * 2] = False  # sample 0: 0, 2 or 4 padded positions
         masks.append(mask)
     for name, overrides in [(name, None) for name in MEMORIES] + [("continuous", LINEAR)]:
-        frames = _compare("reference", name, masks=masks, overrides=overrides)
+        frames, twin = _compare("reference", name, masks=masks, overrides=overrides)
         assert frames[-1] <= MAX_COMPILES + 1, f"{name} {overrides}: {frames}"
+        if name == "continuous":  # the counts 4 and 6 of the padded segments were fitted from the cache
+            cached = {k for c in twin.memory.shared.values() if isinstance(c, BasisCache) for k in c.matrices}
+            assert {k for k in cached if k.endswith(("_4_float32", "_6_float32"))}, (overrides, sorted(cached))
         assert sum(counters["graph_break"].values()) == 0, (name, overrides, dict(counters["graph_break"]))
 
 
 def test_linear_spacing_compiles_without_graph_breaks() -> None:
     """The continuous memory without sticky memories or STM (its update is B ← T B + G_newᵀ X̃)."""
-    _check_compiles(_compare("reference", "continuous", overrides=LINEAR), "reference/continuous linear")
+    _check_compiles(_compare("reference", "continuous", overrides=LINEAR)[0], "reference/continuous linear")
     assert sum(counters["graph_break"].values()) == 0, dict(counters["graph_break"])
 
 
 @pytest.mark.slow
 def test_inductor_training_equals_eager() -> None:
     """The default backend (C++ codegen on CPU) on the memory with the most code."""
-    _check_compiles(_compare("reference", "continuous", backend="inductor"), "reference/continuous inductor")
+    _check_compiles(_compare("reference", "continuous", backend="inductor")[0], "reference/continuous inductor")
 
 
 @pytest.mark.parametrize("name", ["xl"])  # the copy is the controller's, the same for every memory (continuous: +19 s)

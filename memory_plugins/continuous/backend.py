@@ -60,7 +60,7 @@ from ..distributed import refuse_sharded_step
 from ..graph_ops import graph_op
 from ..interface import HostAttention, MemoryRead, MemoryState
 from ..registry import register_memory
-from .basis import BasisCache, basis_values, batched_fit, get_cache
+from .basis import BasisCache, basis_values, batched_fit, get_cache, live_cache
 from .config import ContinuousConfig
 from .read import compute_dtype, gaussian_read
 from .sticky import advance_rng, attention_histogram, initial_rng, sample_locations, uniform_histogram
@@ -74,7 +74,7 @@ def _fit_matrices_fake(valid: Tensor, has: Tensor, g_new: Tensor, first: Tensor,
 
 @graph_op("continuous_fit_matrices", fake=_fit_matrices_fake)
 def fit_matrices(valid: Tensor, has: Tensor, g_new: Tensor, first: Tensor, other: Tensor, num_past: int,
-                 n_basis: int, widths: list[float], ridge: float, tau: float, pad: bool,
+                 cache_uid: int, n_basis: int, widths: list[float], ridge: float, tau: float, pad: bool,
                  linear: bool) -> tuple[Tensor, Tensor]:
     """Each sample's fit matrices for the update of a compiled step: ``(G_newᵀ (b, N, P), T (b, N, N)
     or G_past (b, M, N))``, fresh tensors.
@@ -82,17 +82,22 @@ def fit_matrices(valid: Tensor, has: Tensor, g_new: Tensor, first: Tensor, other
     ``valid`` (b, P) the pending slots, ``has`` (b,) which samples have an LTM; ``g_new``, ``first``
     (N, P) and ``other`` (N, N) or (M, N) the one layout's cached matrices (:meth:`BasisCache.layout`).
     Every slot valid (the steady state): those, with a first fit's G for samples without LTM.
-    Otherwise each sample's own layout, solved in float64 (:func:`.basis.batched_fit`). The choice
-    reads ``valid`` on the host, which is why this is one operator that a compiled graph calls
-    eagerly (:mod:`memory_plugins.graph_ops`). The matrices are constants of the loss: no gradient.
+    Otherwise each sample's own layout, from the per-count matrices of the model's cache
+    (``cache_uid``, :meth:`BasisCache.padded_fit`), as the eager update does; if that cache is gone,
+    solved here (:func:`.basis.batched_fit`, float64). The choice reads ``valid`` on the host, which is
+    why this is one operator that a compiled graph calls eagerly (:mod:`memory_plugins.graph_ops`).
+    The matrices are constants of the loss: no gradient.
     """
-    b = valid.shape[0]
+    b, p = valid.shape
     if bool(valid.all()):
         return (torch.where(has[:, None, None], g_new, first),  # (b, N, P)
                 other.expand(b, -1, -1).clone())  # (b, N, N) or (b, M, N)
-    fit_new, fit_other = batched_fit(valid.sum(dim=1), has, num_past, g_new.shape[1], linear, n_basis, widths,
-                                     ridge, tau, pad)  # float64
-    return fit_new.to(g_new.dtype).contiguous(), fit_other.to(other.dtype).contiguous()
+    count, cache = valid.sum(dim=1), live_cache(cache_uid)  # (b,)
+    if cache is not None:
+        fit_new, fit_other = cache.padded_fit(count, has, num_past, p, valid.device, g_new.dtype, linear)
+    else:
+        fit_new, fit_other = batched_fit(count, has, num_past, p, linear, n_basis, widths, ridge, tau, pad)  # float64
+    return fit_new.to(g_new.dtype).contiguous(), fit_other.to(other.dtype).contiguous()  # (b, N, P), (b, ·, N)
 
 
 @register_memory("continuous", ContinuousConfig)
@@ -213,20 +218,8 @@ class ContinuousMemory(nn.Module):
                 first = self.cache.regression(0, p, dev, dt).T  # (N, P) a first fit over [0, 1]
                 g_new = torch.where(has[:, None, None], g_new, first)  # (b, N, P)
             else:  # padding or a reset left k_i < P valid: each sample's own layout, G per distinct k
-                g_rows = torch.zeros(b, p, cfg.n_basis, device=dev, dtype=dt)  # (b, P, N) zero rows: invalid slots
-                g_past = torch.zeros(b, m, cfg.n_basis, device=dev, dtype=dt)  # (b, M, N)
-                transition = None if cfg.sticky else torch.zeros(b, cfg.n_basis, cfg.n_basis, device=dev, dtype=dt)
-                firsts = not bool(has.all())  # some sample starts its LTM: first fits too (after a reset)
-                for k in sorted(set(count.tolist()) - {0}):
-                    rows = count == k  # (b,) the samples with k valid vectors, in their last k slots
-                    gk = self.cache.regression(m, k, dev, dt)  # (M + k, N)
-                    g_rows[rows & has, p - k:] = gk[m:]  # (k, N) into each such sample's last k rows
-                    if firsts:
-                        g_rows[rows & ~has, p - k:] = self.cache.regression(0, k, dev, dt)  # (k, N) a first fit
-                    g_past[rows] = gk[:m]  # (M, N)
-                    if transition is not None:
-                        transition[rows] = self.cache.transition(m, k, dev, dt)  # (N, N)
-                g_new = g_rows.transpose(1, 2)  # (b, N, P)
+                g_new, other = self.cache.padded_fit(count, has, m, p, dev, dt, not cfg.sticky)  # (b, N, P), (b, ·, N)
+                g_past, transition = (None, other) if not cfg.sticky else (other, None)
             # every path computes B_new as the steady state's one op, so that a sample's result does not
             # depend on which path its batch took (a reset of another sample changes nothing in it)
             past = torch.where(has[:, None, None], self.past_share(state, coef, g_past, transition),
@@ -242,8 +235,8 @@ class ContinuousMemory(nn.Module):
         ``torch.cond``: see :mod:`memory_plugins.graph_ops`)."""
         cache, linear = self.cache, not self.config.sticky
         g_new, first, other = cache.layout(m, p, dev, dt, linear)  # (N, P), (N, P), (N, N) or (M, N)
-        return fit_matrices(valid, has, g_new, first, other, m, cache.n_basis, list(cache.widths), cache.ridge,
-                            cache.tau, cache.pad, linear)
+        return fit_matrices(valid, has, g_new, first, other, m, cache.uid, cache.n_basis, list(cache.widths),
+                            cache.ridge, cache.tau, cache.pad, linear)
 
     def past_share(self, state: MemoryState, coef: Tensor, g_past: Tensor, transition: Tensor | None) -> Tensor:
         """The old signal's share of the refit (b, N, e): G_pastᵀ X_past with X_past = B ψ(t_m) sampled

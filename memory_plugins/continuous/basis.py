@@ -15,7 +15,9 @@ float64 with a Cholesky solve (never an explicit inverse) and then kept, in floa
 
 from __future__ import annotations
 
+import itertools
 import math
+import weakref
 from collections import OrderedDict
 from typing import Callable, Sequence
 
@@ -128,6 +130,15 @@ def regression_matrix(
 
 # -- the shared cache --------------------------------------------------------------------------------
 
+_LIVE: weakref.WeakValueDictionary[int, BasisCache] = weakref.WeakValueDictionary()  # uid → cache
+_UIDS = itertools.count()
+
+
+def live_cache(uid: int) -> BasisCache | None:
+    """The :class:`BasisCache` with this ``uid`` if it still exists (for the compiled update's fit
+    operator, whose arguments can only be plain values)."""
+    return _LIVE.get(uid)
+
 
 def _canonical(device: torch.device | str) -> torch.device:
     """``device`` as tensors report it: 'cuda' means the current CUDA device, 'cuda:0' say (a cached
@@ -165,6 +176,16 @@ class BasisCache(nn.Module):
         self._last_solve: tuple[tuple[int, int, str], Tensor] | None = None  # G and T of a layout share one solve
         self._checked: set[int] = set()  # values of M whose update was found stable
         self._streams = 0  # layers that asked for a stream index (next_stream)
+        self._register()
+
+    def _register(self) -> None:
+        """A uid of its own, by which the compiled update's fit operator finds this cache."""
+        self.uid = next(_UIDS)
+        _LIVE[self.uid] = self
+
+    def __setstate__(self, state: dict) -> None:  # a copy (deepcopy, pickle) is a cache of its own
+        super().__setstate__(state)
+        self._register()
 
     def next_stream(self) -> int:
         """0, 1, 2, … for the layers sharing this cache, in construction order (distinct sticky RNG streams)."""
@@ -279,6 +300,26 @@ class BasisCache(nn.Module):
         g = self.regression(num_past, num_new, device, dtype)  # (M + P, N)
         other = self.transition(num_past, num_new, device, dtype) if transition else g[:num_past].clone()
         return g[num_past:].T.contiguous(), self.regression(0, num_new, device, dtype).T.contiguous(), other
+
+    def padded_fit(self, count: Tensor, has: Tensor, num_past: int, num_new: int, device: torch.device,
+                   dtype: torch.dtype, transition: bool) -> tuple[Tensor, Tensor]:
+        """Every sample's fit matrices from the cached per-count layouts (host syncs: eager code), for P
+        right-aligned slots of which sample i's last k_i are valid (``count`` (b,)), as a past update
+        (``has`` (b,) True) or a first fit over [0, 1]. Returns ``(g_new (b, N, P), other)``: G_newᵀ of
+        each sample's layout (zero columns for invalid slots), and T (b, N, N) with ``transition``, else
+        G_past (b, M, N). Samples with nothing valid get zeros (the update keeps their coefficients)."""
+        m, p, b, n = num_past, num_new, count.shape[0], self.n_basis
+        g_rows = torch.zeros(b, p, n, device=device, dtype=dtype)  # (b, P, N) zero rows: invalid slots
+        other = torch.zeros(b, *((n, n) if transition else (m, n)), device=device, dtype=dtype)  # (b, N, N) | (b, M, N)
+        firsts = not bool(has.all())  # some sample starts its LTM: first fits too (after a reset)
+        for k in sorted(set(count.tolist()) - {0}):
+            rows = count == k  # (b,) the samples with k valid vectors, in their last k slots
+            gk = self.regression(m, k, device, dtype)  # (M + k, N)
+            g_rows[rows & has, p - k:] = gk[m:]  # (k, N) into each such sample's last k rows
+            if firsts:
+                g_rows[rows & ~has, p - k:] = self.regression(0, k, device, dtype)  # (k, N) a first fit
+            other[rows] = self.transition(m, k, device, dtype) if transition else gk[:m]  # (N, N) | (M, N)
+        return g_rows.transpose(1, 2), other  # (b, N, P), (b, N, N) | (b, M, N)
 
     def batched_fit(self, count: Tensor, has: Tensor, num_past: int, num_new: int,
                     transition: bool) -> tuple[Tensor, Tensor]:
