@@ -12,6 +12,7 @@ time per new count (padded − steady), and the cache's size and matrices per co
 
     python -m benchmarks.continuous_fit_cache --threads 1
     python -m benchmarks.continuous_fit_cache --threads 1 --fit-cache-mib 16     # a bound that evicts
+    python -m benchmarks.continuous_fit_cache --threads 1 --compile aot_eager    # the compiled update
 
 Runs on the library of any commit (``--fit-cache-mib`` needs one with the option): for a before/after,
 ``git worktree add /tmp/base <commit>`` and run it there with ``PYTHONPATH=/tmp/base``.
@@ -43,12 +44,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     add_shape_args(p, batch=2, segment=1024, dim=32, heads=4, basis=512)
     p.add_argument("--counts", type=int, default=11, help="distinct padded counts k in the stream")
     p.add_argument("--fit-cache-mib", type=float, help="the cache's bound (default: the library's)")
+    p.add_argument("--compile", help="torch.compile backend for the model (aot_eager, inductor); default eager")
     p.add_argument("--out", default="benchmarks/results/continuous_fit_cache.json")
     args, device = parse_shape_args(p, argv)
     torch.manual_seed(0)
     options = {} if args.fit_cache_mib is None else {"fit_cache_mib": args.fit_cache_mib}
     base = ReferenceDecoder(vocab_size=64, dim=args.dim, depth=1, heads=args.heads)
     model = mp.wrap(base, "continuous", n_basis=args.basis, **options).to(device).eval()
+    run = torch.compile(model, backend=args.compile) if args.compile else model
     n, gen = args.segment, torch.Generator().manual_seed(0)
     counts = [n - 1 - (i * (n - 1)) // args.counts for i in range(args.counts)]  # distinct k in [1, n − 1]
 
@@ -60,7 +63,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         sync(device)
         t0 = time.perf_counter()
         with torch.no_grad():
-            model(tokens, mask=mask.to(device))
+            run(tokens, mask=mask.to(device))
         sync(device)
         return 1e3 * (time.perf_counter() - t0)
 
@@ -83,7 +86,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
            "final_cache_mib": cache_size(model)[1]}
     row["solve_ms_per_count"] = row["new_count_ms"] - row["steady_ms"]
     print(f"continuous N {args.basis}, n {n}, b {args.batch}, e {args.dim}, {len(counts)} padded counts, "
-          f"{device}, threads {torch.get_num_threads()}, fit_cache_mib {args.fit_cache_mib or 'default'}")
+          f"{device}, threads {torch.get_num_threads()}, fit_cache_mib {args.fit_cache_mib or 'default'}, "
+          f"compile {args.compile or 'no'}")
     print(f"{'steady ms':>10}{'new k ms':>10}{'solve ms':>10}{'again ms':>10}{'MiB/k':>8}{'mats/k':>8}{'cache MiB':>11}")
     print(f"{row['steady_ms']:>10.1f}{row['new_count_ms']:>10.1f}{row['solve_ms_per_count']:>10.1f}"
           f"{row['recurring_count_ms']:>10.1f}{row['mib_per_count']:>8.2f}{row['matrices_per_count']:>8.1f}"
