@@ -207,10 +207,9 @@ class ContinuousMemory(nn.Module):
                 g_new, other = self.compiled_fit(valid, has, m, p, dev, dt)  # (b, N, P), (b, N, N) | (b, M, N)
                 g_past, transition = (None, other) if not cfg.sticky else (other, None)
             elif bool(valid.all()):  # one layout for the whole batch: shared matrices, no per-sample copies
-                g = self.cache.regression(m, p, dev, dt)  # (M + P, N)
-                g_past = g[:m]  # (M, N)
-                transition = None if cfg.sticky else self.cache.transition(m, p, dev, dt)  # (N, N)
-                g_new = g[m:].T.expand(b, -1, -1)  # (b, N, P) stride 0 over b
+                g_rows, other = self.cache.fit(m, p, dev, dt, not cfg.sticky)  # (P, N), (N, N) | (M, N)
+                g_past, transition = (None, other) if not cfg.sticky else (other, None)
+                g_new = g_rows.T.expand(b, -1, -1)  # (b, N, P) stride 0 over b
                 if bool(has.all()):  # the steady state: every sample has an LTM and takes in P vectors,
                     # so B_new = past + G_newᵀ X̃ is one fused op
                     past = self.past_share(state, coef, g_past, transition)  # (b, N, e)

@@ -263,6 +263,23 @@ class BasisCache(nn.Module):
         name = f"G_{num_past}_{num_new}_{str(dtype).split('.')[-1]}"
         return self._buffer(name, lambda: self._solve(num_past, num_new, _canonical(device)), device, dtype)
 
+    def new_rows(self, num_past: int, num_new: int, device: torch.device, dtype: torch.dtype) -> Tensor:
+        """The rows of G for the P new vectors (P, N), kept alone: with linear spacing the update needs
+        them and T, not G's M past rows (1 MiB less per layout at N = M = 512)."""
+        if num_past == 0:
+            return self.regression(0, num_new, device, dtype)  # (P, N) a first fit: G is all new rows
+        name = f"Gnew_{num_past}_{num_new}_{str(dtype).split('.')[-1]}"
+        return self._buffer(name, lambda: self._solve(num_past, num_new, _canonical(device))[num_past:], device, dtype)
+
+    def fit(self, num_past: int, num_new: int, device: torch.device, dtype: torch.dtype,
+            linear: bool) -> tuple[Tensor, Tensor]:
+        """One layout's matrices as the update uses them: ``(G_new (P, N), T (N, N))`` with linear
+        spacing, ``(G_new (P, N), G_past (M, N))`` with sticky memories (views of one G)."""
+        if linear:
+            return self.new_rows(num_past, num_new, device, dtype), self.transition(num_past, num_new, device, dtype)
+        g = self.regression(num_past, num_new, device, dtype)  # (M + P, N)
+        return g[num_past:], g[:num_past]  # (P, N), (M, N)
+
     def transition(self, num_past: int, num_new: int, device: torch.device, dtype: torch.dtype) -> Tensor:
         """T = G_pastᵀ Ψ (N, N) for linearly spaced samples: the old coefficients' share of the new
         ones, B_new = T B_old + G_newᵀ X_new (Eqs. 13–15 without sticky memories)."""
@@ -297,9 +314,8 @@ class BasisCache(nn.Module):
         """``(G_newᵀ (N, P), a first fit's Gᵀ (N, P), T (N, N) or G_past (M, N))`` of one layout, as
         separate tensors (no views of one another), for a compiled update (:meth:`regression`,
         :meth:`transition`; a buffer built lazily inside the graph would break it)."""
-        g = self.regression(num_past, num_new, device, dtype)  # (M + P, N)
-        other = self.transition(num_past, num_new, device, dtype) if transition else g[:num_past].clone()
-        return g[num_past:].T.contiguous(), self.regression(0, num_new, device, dtype).T.contiguous(), other
+        g_new, other = self.fit(num_past, num_new, device, dtype, transition)  # (P, N), (N, N) or (M, N)
+        return g_new.T.contiguous(), self.regression(0, num_new, device, dtype).T.contiguous(), other.clone()
 
     def padded_fit(self, count: Tensor, has: Tensor, num_past: int, num_new: int, device: torch.device,
                    dtype: torch.dtype, transition: bool) -> tuple[Tensor, Tensor]:
@@ -314,11 +330,11 @@ class BasisCache(nn.Module):
         firsts = not bool(has.all())  # some sample starts its LTM: first fits too (after a reset)
         for k in sorted(set(count.tolist()) - {0}):
             rows = count == k  # (b,) the samples with k valid vectors, in their last k slots
-            gk = self.regression(m, k, device, dtype)  # (M + k, N)
-            g_rows[rows & has, p - k:] = gk[m:]  # (k, N) into each such sample's last k rows
+            gk_new, gk_other = self.fit(m, k, device, dtype, transition)  # (k, N), (N, N) | (M, N)
+            g_rows[rows & has, p - k:] = gk_new  # (k, N) into each such sample's last k rows
             if firsts:
                 g_rows[rows & ~has, p - k:] = self.regression(0, k, device, dtype)  # (k, N) a first fit
-            other[rows] = self.transition(m, k, device, dtype) if transition else gk[:m]  # (N, N) | (M, N)
+            other[rows] = gk_other  # (N, N) | (M, N)
         return g_rows.transpose(1, 2), other  # (b, N, P), (b, N, N) | (b, M, N)
 
     def batched_fit(self, count: Tensor, has: Tensor, num_past: int, num_new: int,

@@ -65,10 +65,10 @@ class ContinuousConfig(MemoryConfig):
       them (the reference; same values within float32 rounding).
     * ``fit_cache_mib``: the most memory (MiB, on the model's device) that the fit matrices G and T
       kept for reuse may take. Padding gives every count of valid vectors its own layout and
-      matrices (a document's last segment; about 3 MiB each at N = 512, n = 1,024); without a bound
+      matrices (a document's last segment; about 2 MiB each at N = 512, n = 1,024); without a bound
       a padded stream would keep adding them. Least recently used first out; an evicted layout is
       solved again when it recurs (one float64 solve on the model's device; on one CPU thread about
-      0.2 s at N = 512). Not part of the state: changing it keeps states loadable.
+      0.1 s at N = 512). Not part of the state: changing it keeps states loadable.
     """
 
     name: ClassVar[str] = "continuous"
