@@ -179,3 +179,22 @@ def test_batched_fit_equals_each_layouts_cached_fit(pad: bool, transition: bool)
         if with_ltm:
             ref = cache.transition(m, k, DEVICE, torch.float64) if transition else rows[:m]  # (N, N) or (M, N)
             assert torch.allclose(other[i], ref, rtol=1e-9, atol=1e-9 * ref.abs().max().item()), (i, k)
+
+
+def test_fit_operator_uses_only_a_cache_of_its_own_settings() -> None:
+    """The compiled update's fit operator finds the model's cache by uid. A uid that names a cache of
+    other settings (a graph stored on disk by inductor, run in another process) must not lend it its
+    matrices: the operator then solves the layouts itself, and gives the right cache's matrices."""
+    from memory_plugins.continuous.backend import fit_matrices
+
+    m, p = 12, 6
+    right, other = BasisCache(16, WIDE, 0.5, 0.75, True), BasisCache(16, WIDE, 0.5, 0.5, True)  # τ differs
+    valid = torch.ones(2, p, dtype=torch.bool, device=DEVICE)  # (b, P)
+    valid[0, :3] = False  # sample 0: 3 valid slots, so the per-sample path runs
+    has = torch.ones(2, dtype=torch.bool, device=DEVICE)  # (b,)
+    g_new, first, t = right.layout(m, p, DEVICE, torch.float32, True)  # (N, P), (N, P), (N, N)
+    expect = right.padded_fit(valid.sum(dim=1), has, m, p, DEVICE, torch.float32, True)  # (b, N, P), (b, N, N)
+    for uid in (right.uid, other.uid):
+        got = fit_matrices(valid, has, g_new, first, t, m, uid, 16, list(WIDE), 0.5, 0.75, True, True)
+        for a, b in zip(got, expect):
+            assert torch.allclose(a, b, rtol=1e-5, atol=1e-5 * b.abs().max().item()), uid

@@ -83,17 +83,19 @@ def fit_matrices(valid: Tensor, has: Tensor, g_new: Tensor, first: Tensor, other
     (N, P) and ``other`` (N, N) or (M, N) the one layout's cached matrices (:meth:`BasisCache.layout`).
     Every slot valid (the steady state): those, with a first fit's G for samples without LTM.
     Otherwise each sample's own layout, from the per-count matrices of the model's cache
-    (``cache_uid``, :meth:`BasisCache.padded_fit`), as the eager update does; if that cache is gone,
-    solved here (:func:`.basis.batched_fit`, float64). The choice reads ``valid`` on the host, which is
-    why this is one operator that a compiled graph calls eagerly (:mod:`memory_plugins.graph_ops`).
-    The matrices are constants of the loss: no gradient.
+    (``cache_uid``, :meth:`BasisCache.padded_fit`), as the eager update does. If no cache of these
+    settings has that uid, solved here (:func:`.basis.batched_fit`, float64): a graph that inductor
+    stored on disk may run in another process, where the uid names another cache or none. The
+    choice reads ``valid`` on the host, which is why this is one operator that a compiled graph
+    calls eagerly (:mod:`memory_plugins.graph_ops`). The matrices are constants of the loss: no
+    gradient.
     """
     b, p = valid.shape
     if bool(valid.all()):
         return (torch.where(has[:, None, None], g_new, first),  # (b, N, P)
                 other.expand(b, -1, -1).clone())  # (b, N, N) or (b, M, N)
     count, cache = valid.sum(dim=1), live_cache(cache_uid)  # (b,)
-    if cache is not None:
+    if cache is not None and cache.key_of_settings() == BasisCache.key(n_basis, tuple(widths), ridge, tau, pad):
         fit_new, fit_other = cache.padded_fit(count, has, num_past, p, valid.device, g_new.dtype, linear)
     else:
         fit_new, fit_other = batched_fit(count, has, num_past, p, linear, n_basis, widths, ridge, tau, pad)  # float64

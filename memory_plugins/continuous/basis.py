@@ -198,6 +198,10 @@ class BasisCache(nn.Module):
         text = f"continuous_N{n_basis}_w{'_'.join(repr(w) for w in widths)}_l{ridge!r}_t{tau!r}_p{int(pad)}"
         return text.replace(".", "p").replace("-", "m")
 
+    def key_of_settings(self) -> str:
+        """:meth:`key` of this cache's own settings."""
+        return self.key(self.n_basis, self.widths, self.ridge, self.tau, self.pad)
+
     def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> "BasisCache":
         # Move buffers and matrices to the device ``fn`` targets, keeping their dtype (see the class docstring).
         self._last_solve = None  # solved for the old device
