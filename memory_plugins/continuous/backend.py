@@ -207,23 +207,20 @@ class ContinuousMemory(nn.Module):
             dev, dt = coef.device, coef.dtype
             if torch.compiler.is_compiling():  # one operator picks the fit: no graph break, CUDA graphs around it
                 g_new, other = self.compiled_fit(valid, has, m, p, dev, dt)  # (b, N, P), (b, N, N) | (b, M, N)
-                g_past, transition = (None, other) if not cfg.sticky else (other, None)
             elif bool(valid.all()):  # one layout for the whole batch: shared matrices, no per-sample copies
                 g_rows, other = self.cache.fit(m, p, dev, dt, not cfg.sticky)  # (P, N), (N, N) | (M, N)
-                g_past, transition = (None, other) if not cfg.sticky else (other, None)
                 g_new = g_rows.T.expand(b, -1, -1)  # (b, N, P) stride 0 over b
                 if bool(has.all()):  # the steady state: every sample has an LTM and takes in P vectors,
                     # so B_new = past + G_newᵀ X̃ is one fused op
-                    past = self.past_share(state, coef, g_past, transition)  # (b, N, e)
+                    past = self.past_share(state, coef, other)  # (b, N, e)
                     return torch.baddbmm(past, g_new, x_new), has  # (b, N, e)
                 first = self.cache.regression(0, p, dev, dt).T  # (N, P) a first fit over [0, 1]
                 g_new = torch.where(has[:, None, None], g_new, first)  # (b, N, P)
             else:  # padding or a reset left k_i < P valid: each sample's own layout, G per distinct k
                 g_new, other = self.cache.padded_fit(count, has, m, p, dev, dt, not cfg.sticky)  # (b, N, P), (b, ·, N)
-                g_past, transition = (None, other) if not cfg.sticky else (other, None)
             # every path computes B_new as the steady state's one op, so that a sample's result does not
             # depend on which path its batch took (a reset of another sample changes nothing in it)
-            past = torch.where(has[:, None, None], self.past_share(state, coef, g_past, transition),
+            past = torch.where(has[:, None, None], self.past_share(state, coef, other),
                                torch.zeros((), device=dev, dtype=dt))  # (b, N, e)
             fitted = torch.baddbmm(past, g_new, x_new)  # (b, N, e)
             coef = torch.where((count > 0)[:, None, None], fitted, coef)  # (b, N, e)
@@ -239,18 +236,19 @@ class ContinuousMemory(nn.Module):
         return fit_matrices(valid, has, g_new, first, other, m, cache.uid, cache.n_basis, list(cache.widths),
                             cache.ridge, cache.tau, cache.pad, linear)
 
-    def past_share(self, state: MemoryState, coef: Tensor, g_past: Tensor, transition: Tensor | None) -> Tensor:
-        """The old signal's share of the refit (b, N, e): G_pastᵀ X_past with X_past = B ψ(t_m) sampled
-        at the sticky locations (Eq. 14), or ``transition`` @ B (one N×N matrix) with linear spacing.
-        ``g_past`` (M, N) or (b, M, N), ``transition`` (N, N), (b, N, N) or None (sticky)."""
-        if transition is not None:
-            return transition @ coef  # (b, N, e)
+    def past_share(self, state: MemoryState, coef: Tensor, other: Tensor) -> Tensor:
+        """The old signal's share of the refit (b, N, e). ``other`` is what :meth:`BasisCache.fit` pairs
+        with G_new: with linear spacing the transition T (N, N) or (b, N, N), and the share is T B (one
+        N×N matrix); with sticky memories G_past (M, N) or (b, M, N), and the share is G_pastᵀ X_past
+        with X_past = B ψ(t_m) sampled at the sticky locations (Eq. 14)."""
         cfg = self.config
+        if not cfg.sticky:
+            return other @ coef  # (b, N, e)
         loc = sample_locations(state["hist"], cfg.samples_per_update, cfg.sticky_sampling, rng=state.get("rng"))  # (b, M)
         centres, widths = self.cache.basis(coef.device)  # (N,), (N,)
         psi = basis_values(loc.to(coef.dtype), centres, widths)  # (b, M, N) ψ(t_m)
         x_past = psi @ coef  # (b, M, e) Eq. 14
-        return g_past.transpose(-1, -2) @ x_past  # (b, N, e)
+        return other.transpose(-1, -2) @ x_past  # (b, N, e) G_pastᵀ X_past
 
     # -- read (Eqs. 8–12, 16, 20–21) -------------------------------------------------------------
     def read_ltm(self, coef: Tensor, q: Tensor) -> tuple[Tensor, Tensor, Tensor]:
