@@ -58,6 +58,38 @@ def interleaved(calls: dict[str, Callable[[], Any]], device: torch.device, warmu
     return times
 
 
+NO_COMPUTE = frozenset(f"aten::{name}" for name in (  # views, metadata and allocation: no kernel of their own
+    "view", "as_strided", "reshape", "_reshape_alias", "_unsafe_view", "transpose", "t", "numpy_T", "mT", "permute",
+    "unsqueeze", "squeeze", "expand", "slice", "select", "narrow", "unfold", "flatten", "split", "unbind", "chunk",
+    "detach", "alias", "resolve_conj", "resolve_neg", "lift_fresh", "result_type", "is_nonzero", "item",
+    "_local_scalar_dense", "to", "contiguous", "matmul", "linear", "einsum", "pad", "empty", "empty_strided",
+    "empty_like", "new_empty", "new_zeros", "zeros"))
+
+
+def count_operators(call: Callable[[], Any], device: torch.device) -> dict[str, int]:
+    """aten operator calls of one ``call()``: all of them, and the compute ops among them (leaf ops that
+    are not views, metadata or allocation: what runs a kernel, one launch each on a GPU); the autograd
+    nodes its backward ran (each costs host time, whatever the device); on CUDA also the kernel
+    launches the profiler saw. On a CPU some compute ops are the CPU's own (a Python scalar copied
+    into a tensor, the zero fill before a sum), so counts compare like with like, not CPU with GPU."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        call()
+        sync(device)
+    events = prof.events()
+    aten = [e for e in events if e.name.startswith("aten::")]
+    compute = [e for e in aten if e.name not in NO_COMPUTE
+               and not any(c.name.startswith("aten::") and c.name not in NO_COMPUTE for c in e.cpu_children)]
+    nodes = sum(1 for e in events if e.name.startswith("autograd::engine::evaluate_function"))
+    out = {"aten_ops": len(aten), "compute_ops": len(compute), "autograd_nodes": nodes}
+    if device.type == "cuda":
+        out["kernel_launches"] = sum(1 for e in events if e.name in ("cudaLaunchKernel", "cuLaunchKernel",
+                                                                      "cudaLaunchKernelExC"))
+    return out
+
+
 def write_result(result: dict[str, Any] | str, path: str | Path) -> dict[str, Any] | str:
     """Write ``result`` (a dict as JSON, or text as it is) to ``path``, creating its folder, and say so."""
     out = Path(path)

@@ -15,7 +15,9 @@ layer's output (b, n, e), with every input and weight receiving gradients:
 Timing: the variants run in interleaved rounds (one forward + backward of each per round, in a fresh
 random order) after warm-up rounds, so that load changes on a shared machine hit all alike; the
 table gives medians and the ratios of medians, the JSON every time. The SDPA kernels each variant ran
-(forward and backward ops) are read from one profiled call. ``--profile`` prints the top operators.
+(forward and backward ops) and its operator counts (compute ops: one kernel launch each on a GPU;
+:func:`benchmarks.bench_utils.count_operators`) are read from one profiled call each. ``--profile``
+prints the top operators.
 
     python -m benchmarks.continuous_read --threads 1 2                # CPU, both shapes, 1 then 2 threads
     python -m benchmarks.continuous_read --device cuda --autocast bf16 --shapes sorting
@@ -33,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
-from benchmarks.bench_utils import interleaved, sync, write_result
+from benchmarks.bench_utils import count_operators, interleaved, sync, write_result
 
 from memory_plugins.continuous.basis import rbf_basis
 from memory_plugins.continuous.read import feature_layout, gaussian_read, sdpa_constants
@@ -67,7 +69,7 @@ def make_inputs(shape: dict, device: torch.device, seed: int = 0) -> dict:
         "w_sigma": leaf(n_basis, scale=n_basis**-0.5),  # (N,)
         "centres": centres,  # (C,)
         "widths": width_set,  # (W,)
-        "constants": sdpa_constants(centres, width_set, d, min(widths)),  # (N + 1, D), (K,)
+        "constants": sdpa_constants(centres, width_set, d, min(widths)),  # ReadConstants
         "min_width": min(widths),
         "grad_out": torch.randn(b, n, e, generator=g).to(device),  # (b, n, e)
     }
@@ -123,10 +125,12 @@ def run_shape(name: str, args: argparse.Namespace, device: torch.device, autocas
         "ratio_sdpa_over_attention": med["sdpa"] / med["attention"],
         "ratio_dense_over_attention": med["dense"] / med["attention"],
         "sdpa_ops": {v: sdpa_ops(v, x, autocast) for v in VARIANTS},
+        "operators": {v: count_operators(lambda v=v: step(v, x, autocast), device) for v in VARIANTS},
     }
     print(f"{name:<8} {torch.get_num_threads():>3} {row['b']:>3} {row['n']:>5} {row['e']:>4} {row['h']:>2} {row['d']:>3} {row['N']:>5} "
           f"{med['sdpa']:>9.1f} {med['dense']:>9.1f} {med['attention']:>9.1f} "
-          f"{row['ratio_sdpa_over_attention']:>7.2f} {row['ratio_dense_over_attention']:>7.2f}", flush=True)
+          f"{row['ratio_sdpa_over_attention']:>7.2f} {row['ratio_dense_over_attention']:>7.2f} "
+          + " ".join(f"{row['operators'][v]['compute_ops']:>5}" for v in VARIANTS), flush=True)
     if args.profile:
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
         sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
@@ -158,7 +162,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"device={device} autocast={args.autocast} torch={torch.__version__} repeats={args.repeats} "
           f"(forward + backward ms, median of interleaved rounds)")
     print(f"{'shape':<8} {'thr':>3} {'b':>3} {'n':>5} {'e':>4} {'h':>2} {'d':>3} {'N':>5} {'sdpa':>9} {'dense':>9} "
-          f"{'attention':>9} {'sdpa/at':>7} {'dense/at':>7}")
+          f"{'attention':>9} {'sdpa/at':>7} {'dense/at':>7} {'compute ops (sdpa, dense, attention)'}")
     rows = []
     for threads in args.threads or [torch.get_num_threads()]:
         torch.set_num_threads(threads)

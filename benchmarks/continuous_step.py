@@ -31,10 +31,9 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch.profiler import ProfilerActivity, profile
 
 import memory_plugins as mp
-from benchmarks.bench_utils import add_shape_args, parse_shape_args, sync, write_result
+from benchmarks.bench_utils import add_shape_args, count_operators, parse_shape_args, sync, write_result
 from memory_plugins.models import ReferenceDecoder
 
 VOCAB = 256
@@ -64,34 +63,11 @@ def step(model: torch.nn.Module, opt: torch.optim.Optimizer, tokens: torch.Tenso
     return loss.detach()
 
 
-NO_COMPUTE = frozenset(f"aten::{name}" for name in (  # views, metadata and allocation: no kernel of their own
-    "view", "as_strided", "reshape", "_reshape_alias", "_unsafe_view", "transpose", "t", "numpy_T", "mT", "permute",
-    "unsqueeze", "squeeze", "expand", "slice", "select", "narrow", "unfold", "flatten", "split", "unbind", "chunk",
-    "detach", "alias", "resolve_conj", "resolve_neg", "lift_fresh", "result_type", "is_nonzero", "item",
-    "_local_scalar_dense", "to", "contiguous", "matmul", "linear", "einsum", "pad", "empty", "empty_strided",
-    "empty_like", "new_empty", "new_zeros", "zeros"))
-
-
 def operators(model: torch.nn.Module, opt: torch.optim.Optimizer, tokens: torch.Tensor, device: torch.device,
               dtype: torch.dtype | None) -> dict[str, int]:
-    """aten operator calls of one step: all of them, and the compute ops among them (leaf ops that are
-    not views, metadata or allocation: what runs a kernel, one launch each on a GPU); the autograd
-    nodes its backward ran (each costs host time, whatever the device); on CUDA also the kernel
-    launches the profiler saw."""
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    with profile(activities=activities) as prof:
-        step(model, opt, tokens, dtype)
-        sync(device)
-    events = prof.events()
-    aten = [e for e in events if e.name.startswith("aten::")]
-    compute = [e for e in aten if e.name not in NO_COMPUTE
-               and not any(c.name.startswith("aten::") and c.name not in NO_COMPUTE for c in e.cpu_children)]
-    nodes = sum(1 for e in events if e.name.startswith("autograd::engine::evaluate_function"))
-    out = {"aten_ops": len(aten), "compute_ops": len(compute), "autograd_nodes": nodes}
-    if device.type == "cuda":
-        out["kernel_launches"] = sum(1 for e in events if e.name in ("cudaLaunchKernel", "cuLaunchKernel",
-                                                                      "cudaLaunchKernelExC"))
-    return out
+    """aten operator calls of one step (:func:`benchmarks.bench_utils.count_operators`): all of them,
+    the compute ops among them, the autograd nodes of its backward, and on CUDA the kernel launches."""
+    return count_operators(lambda: step(model, opt, tokens, dtype), device)
 
 
 def add_step_args(p: argparse.ArgumentParser, repeats: int, **shape: int) -> None:

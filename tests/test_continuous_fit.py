@@ -120,17 +120,20 @@ def test_default_basis_configs_stay_stable_with_the_default_fit() -> None:
 
 @pytest.mark.parametrize("reduction", ["paper", "mean"])
 @pytest.mark.parametrize("masked", [False, True])
-def test_kl_reductions_equal_a_hand_computation(reduction: str, masked: bool) -> None:
+@pytest.mark.parametrize("mu_prior", [None, 0.3])
+def test_kl_reductions_equal_a_hand_computation(reduction: str, masked: bool, mu_prior: float | None) -> None:
     """"paper": Σ_heads, mean over (valid) queries, mean over samples with an LTM — Eq. 22 divided by
-    the number of tokens. "mean": the same with the mean over heads, so H times smaller."""
-    b, h, n, lam, sigma_0 = 3, 3, 5, 0.1, 0.05
-    cfg = ContinuousConfig(n_basis=8, basis_widths=WIDE, kl_weight=lam, sigma_0=sigma_0, kl_reduction=reduction)
+    the number of tokens. "mean": the same with the mean over heads, so H times smaller. A sample
+    with an LTM and no valid query adds 0 and still counts among the samples."""
+    b, h, n, lam, sigma_0 = 4, 3, 5, 0.1, 0.05
+    cfg = ContinuousConfig(n_basis=8, basis_widths=WIDE, kl_weight=lam, sigma_0=sigma_0, kl_reduction=reduction,
+                           mu_prior=mu_prior)
     mem = ContinuousMemory(cfg, AttentionDims(8, h, 4), nn.ModuleDict()).train()
     gen = make_generator(0)
     mu = torch.rand(b, h, n, generator=gen)  # (b, h, n)
     sigma2 = torch.rand(b, h, n, generator=gen) * 0.02 + 1e-4  # (b, h, n)
-    has = torch.tensor([True, False, True])  # (b,)
-    valid = torch.tensor([[False, False, True, True, True], [True] * 5, [False, True, True, True, True]])
+    has = torch.tensor([True, False, True, True])  # (b,)
+    valid = torch.tensor([[False, False, True, True, True], [True] * 5, [False, True, True, True, True], [False] * 5])
     got = mem.kl_loss(mu, sigma2, has, valid if masked else None)
 
     total, samples = 0.0, 0
@@ -143,9 +146,10 @@ def test_kl_reductions_equal_a_hand_computation(reduction: str, masked: bool) ->
             kls = []
             for k in range(h):
                 ratio = sigma2[i, k, j].item() / sigma_0**2
-                kls.append(0.5 * (ratio - math.log(ratio) - 1))
+                prior = 0.0 if mu_prior is None else (mu[i, k, j].item() - mu_prior) ** 2 / sigma_0**2
+                kls.append(0.5 * (ratio - math.log(ratio) - 1 + prior))
             per_query.append(sum(kls) if reduction == "paper" else sum(kls) / h)
-        total += sum(per_query) / len(per_query)
+        total += sum(per_query) / len(per_query) if per_query else 0.0
         samples += 1
     assert got is not None and math.isclose(got.item(), lam * total / samples, rel_tol=1e-5)
     assert mem.eval().kl_loss(mu, sigma2, has) is None  # a training regulariser only

@@ -259,7 +259,7 @@ class ContinuousMemory(nn.Module):
         cfg = self.config
         b, h, n, d = q.shape
         centres, widths = self.cache.grid(coef.device)  # (C,), (W,) with N = C·W
-        constants = self.cache.read_constants(d, coef.device, compute_dtype(q.dtype))  # (N + 1, D), (K,)
+        constants = self.cache.read_constants(d, coef.device, compute_dtype(q.dtype))  # keys (N + 1, D), ...
         z, mu, sigma2 = gaussian_read(q, coef, self.to_k.weight, self.to_v.weight, self.mu_map.weight,
                                       self.sigma_map.weight, centres, widths, cfg.sigma2_min, impl=cfg.read_impl,
                                       min_width=min(cfg.basis_widths), constants=constants)  # (b, h, n, d), (b, h, n), (b, h, n)
@@ -321,18 +321,23 @@ class ContinuousMemory(nn.Module):
         cfg = self.config
         if cfg.kl_weight == 0.0 or not self.training:
             return None
-        ratio = sigma2 / cfg.sigma_0**2  # (b, h, n)
-        kl = 0.5 * (ratio - torch.log(ratio) - 1.0)  # (b, h, n)
-        if cfg.mu_prior is not None:
-            kl = kl + 0.5 * (mu - cfg.mu_prior) ** 2 / cfg.sigma_0**2  # (b, h, n)
-        per_query = kl.sum(dim=1) if cfg.kl_reduction == "paper" else kl.mean(dim=1)  # (b, n)
-        if valid is None:
-            per_sample = per_query.mean(dim=-1)  # (b,)
-        else:  # padded queries are not part of the stream
-            w = valid.to(kl.dtype)  # (b, n)
-            per_sample = (per_query * w).sum(dim=-1) / w.sum(dim=-1).clamp_min(1.0)  # (b,)
-        weight = has.to(per_sample.dtype)  # (b,)
-        return cfg.kl_weight * (per_sample * weight).sum() / weight.sum().clamp_min(1.0)
+        b, h, n = sigma2.shape
+        with torch.autocast(device_type=sigma2.device.type, enabled=False):  # float32 sums, whatever the host
+            ratio = sigma2 * (1.0 / cfg.sigma_0**2)  # (b, h, n)
+            t = ratio - torch.log(ratio)  # (b, h, n) 2·KL + 1 per head and query
+            if cfg.mu_prior is not None:
+                t = t + (mu - cfg.mu_prior) ** 2 * (1.0 / cfg.sigma_0**2)  # (b, h, n)
+            # a query's KL is c·(Σ_h t − h)/2, c = 1 ("paper") or 1/h ("mean"); λ_KL·c/2 is folded in here, once
+            scale = cfg.kl_weight * (1.0 if cfg.kl_reduction == "paper" else 1.0 / h) / 2.0
+            if valid is None:
+                per_sample = t.sum(dim=(1, 2)).mul(scale / n).sub_(scale * h)  # (b,) λ_KL · mean KL over queries
+            else:  # padded queries are not part of the stream
+                w = valid.to(t.dtype)  # (b, n)
+                count = w.sum(dim=-1)  # (b,)
+                total = torch.bmm(t.sum(dim=1)[:, None, :], w[:, :, None]).view(b)  # (b,) Σ_valid Σ_h t
+                per_sample = torch.add(total, count, alpha=-h).mul_(scale) / count.clamp_min(1.0)  # (b,)
+            weight = has.to(per_sample.dtype)  # (b,)
+            return torch.dot(per_sample, weight) / weight.sum().clamp_min(1.0)
 
     @property
     def random_sticky(self) -> bool:

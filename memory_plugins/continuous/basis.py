@@ -19,10 +19,13 @@ import itertools
 import math
 import weakref
 from collections import OrderedDict
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import torch
 from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    from .read import ReadConstants
 
 _LOG_SQRT_2PI = 0.5 * math.log(2.0 * math.pi)
 PAD_EXTENT = 0.5  # with ``pad``: zero targets on [-0.5, 0) and (1, 1.5] at the fit's mean density ...
@@ -298,10 +301,10 @@ class BasisCache(nn.Module):
         return self._buffer(name, build, device, dtype)
 
     @torch.compiler.assume_constant_result  # compiled: built (once) while tracing, constants of the graph
-    def read_constants(self, head_dim: int, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-        """The fused read's keys (N + 1, D) and chunk offsets (K,) for ``head_dim``, in ``dtype``
-        (:func:`.read.sdpa_constants`), built once instead of on every read."""
-        from .read import sdpa_constants  # read.py imports this module
+    def read_constants(self, head_dim: int, device: torch.device, dtype: torch.dtype) -> ReadConstants:
+        """The fused read's constants for ``head_dim`` in ``dtype`` (:func:`.read.sdpa_constants`): the
+        keys (N + 1, D) and what the queries' features are built from, once instead of on every read."""
+        from .read import ReadConstants, sdpa_constants  # read.py imports this module
 
         def build(part: int) -> Callable[[], Tensor]:
             def make() -> Tensor:
@@ -310,7 +313,8 @@ class BasisCache(nn.Module):
             return make
 
         tag = f"{head_dim}_{str(dtype).split('.')[-1]}"
-        return self._buffer(f"read_keys_{tag}", build(0), device, dtype), self._buffer(f"read_offsets_{tag}", build(1), device, dtype)
+        return ReadConstants(*(self._buffer(f"read_{name}_{tag}", build(i), device, dtype)
+                               for i, name in enumerate(ReadConstants._fields)))
 
     @torch.compiler.assume_constant_result  # compiled: built (once) while tracing, constants of the graph
     def layout(self, num_past: int, num_new: int, device: torch.device, dtype: torch.dtype,

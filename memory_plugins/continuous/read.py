@@ -40,6 +40,7 @@ with last dims divisible by 4, so D is a multiple of 4.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -72,8 +73,9 @@ def gaussian_params(q: Tensor, coef: Tensor, w_k: Tensor, w_mu: Tensor, w_sigma:
         bw = torch.einsum("kN,bNe->bke", maps, coef.to(ct))  # (b, 2, e) Bᵀ w
         kw = (F.linear(bw, w_k.to(ct)) / math.sqrt(d)).view(b, 2, h, d)  # (b, 2, h, d) K_hᵀ w / √d
         logits = torch.matmul(q.to(ct), kw.permute(0, 2, 3, 1))  # (b, h, n, 2) q read in place, no copy
-        mu = torch.sigmoid(logits[..., 0])  # (b, h, n) Eq. 9
-        sigma2 = F.softplus(logits[..., 1]).clamp_min(sigma2_min)  # (b, h, n) Eq. 10
+        mu_logit, sigma_logit = logits.unbind(-1)  # (b, h, n) each; one stack in the backward, not two scatters
+        mu = torch.sigmoid(mu_logit)  # (b, h, n) Eq. 9
+        sigma2 = F.softplus(sigma_logit).clamp_min(sigma2_min)  # (b, h, n) Eq. 10
     return mu, sigma2
 
 
@@ -143,50 +145,70 @@ def key_features(centres: Tensor, chunk: Tensor, offsets: Tensor, num_widths: in
     return torch.cat([keys, extra])  # (N + 1, D) the last row is the extra key
 
 
-class _QueryFeatures(torch.autograd.Function):
-    """q̃ (b, h, n, D) from μ, σ² (b, h, n), with a hand-written backward.
+class ReadConstants(NamedTuple):
+    """The fused read's constants for one basis and head dim (:func:`sdpa_constants`), in the read's
+    dtype. Queries' features are built from the last five in a handful of ops (:class:`_QueryFeatures`)."""
 
-    Group g's block holds α_k = −x_k²/(2v) − ½ log(2πv), β_k = x_k/v (x_k = μ − a_k), γ = −1/(2v) with
-    v = σ² + w_g², then zeros; the last column of the last block is 1 (the extra key's logit column;
-    it carries no gradient). Why by hand: the features are tiny per query (D ≲ 64) and autograd's
-    broadcasting ops over them run short inner loops and reduce in their backward; here both passes
-    work on (W, D/W, Q) buffers with the Q = b·h·n queries contiguous and transpose once.
+    keys: Tensor  # (N + 1, D) k̃ of the basis keys, then the extra key
+    half_offsets: Tensor  # (K,) a_k / 2, the chunks' offsets halved
+    widths_sq: Tensor  # (W,) w_g²
+    log_cols: Tensor  # (D/W,) −½ in the α columns of a block, 0 elsewhere: the weight of log v
+    base: Tensor  # (W, D/W) −½ log 2π in every α column, 1 in the extra key's logit column, 0 elsewhere
+    tail: Tensor  # (D/W − 2K,) ¼ (the γ column of f), then zeros
+
+
+class _QueryFeatures(torch.autograd.Function):
+    """q̃ (b, h, n, D) from μ, σ² (b, h, n), in eight ops forward and seven backward.
+
+    Group g's block is α_k = −x_k²/(2v) − ½ log(2πv), β_k = x_k/v, γ = −1/(2v) with x_k = μ − a_k,
+    v = σ² + w_g², then zeros (the last column of the last block 1, the extra key's logit column). With
+    y_k = −x_k/2 and r = 1/v the block is an outer product plus a constant:
+
+        block_g = base_g + log v_g · log_cols − 2 r_g · f,  f = [y_0² … y_{K−1}², y_0 … y_{K−1}, ¼, 0 …],
+
+    since −2r·y² = −r x²/2, −2r·y = r x and −2r·¼ = −r/2. The Q = b·h·n queries lead every buffer,
+    so the (Q, W, D/W) result is q̃ in place, with no transposed copy. Why by hand: the features are
+    tiny per query (D ≲ 64), and on a GPU each op of autograd's version (broadcasts, reductions over
+    the blocks) is a kernel launch; the backward here reduces over blocks and chunks with three small
+    matrix products.
     """
 
     @staticmethod
-    def forward(ctx, mu: Tensor, sigma2: Tensor, offsets: Tensor, widths: Tensor, dim: int) -> Tensor:  # type: ignore[override]
-        q_count, num_w, num_k = mu.numel(), widths.numel(), offsets.numel()
-        var = sigma2.reshape(1, q_count) + (widths * widths)[:, None]  # (W, Q)
-        inv = var.reciprocal()  # (W, Q)
-        x = mu.reshape(1, q_count) - offsets[:, None]  # (K, Q)
-        log_norm = torch.log(var * (2.0 * math.pi)).mul_(-0.5)  # (W, Q) −½ log(2πv)
-        alpha = torch.addcmul(log_norm[:, None], inv[:, None], (x * x)[None], value=-0.5)  # (W, K, Q)
-        beta = inv[:, None] * x[None]  # (W, K, Q)
-        gamma = (inv * -0.5)[:, None]  # (W, 1, Q)
-        pad = mu.new_zeros(num_w, dim // num_w - 2 * num_k - 1, q_count)  # (W, D/W − 2K − 1, Q)
-        pad[-1, -1] = 1.0  # the last column: 1 in every query, meets the extra key's logit L
-        buf = torch.cat([alpha, beta, gamma, pad], dim=1)  # (W, D/W, Q) (no out= slices: torch.compile traces it)
-        ctx.save_for_backward(inv, x)
-        return buf.view(dim, q_count).T.contiguous().view(*mu.shape, dim)  # (b, h, n, D)
+    def forward(ctx, mu: Tensor, sigma2: Tensor, half_offsets: Tensor, widths_sq: Tensor, log_cols: Tensor,  # type: ignore[override]
+                base: Tensor, tail: Tensor) -> Tensor:
+        q_count = mu.numel()
+        y = torch.add(half_offsets, mu.reshape(q_count, 1), alpha=-0.5)  # (Q, K) y_k = (a_k − μ)/2
+        f = torch.cat([y * y, y, tail.expand(q_count, -1)], dim=1)  # (Q, D/W)
+        var = torch.add(widths_sq, sigma2.reshape(q_count, 1))  # (Q, W) v = σ² + w²
+        inv = var.reciprocal()  # (Q, W) r
+        feats = torch.addcmul(base, var.log()[:, :, None], log_cols)  # (Q, W, D/W) −½ log(2πv) in the α's
+        feats.addcmul_(inv[:, :, None], f[:, None, :], value=-2.0)  # (Q, W, D/W) q̃, block by block
+        ctx.save_for_backward(y, f, inv, log_cols)
+        return feats.view(*mu.shape, -1)  # (b, h, n, D)
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        inv, x = ctx.saved_tensors  # (W, Q), (K, Q)
-        (num_w, q_count), num_k = inv.shape, x.shape[0]
-        g = grad.reshape(q_count, -1).T.contiguous().view(num_w, -1, q_count)  # (W, D/W, Q)
-        g_alpha, g_beta, g_gamma = g[:, :num_k], g[:, num_k : 2 * num_k], g[:, 2 * num_k]  # (W, K, Q) ×2, (W, Q)
-        # ∂α/∂μ = −x/v, ∂β/∂μ = 1/v;  ∂α/∂v = x²/(2v²) − 1/(2v), ∂β/∂v = −x/v², ∂γ/∂v = 1/(2v²)
-        d_mu = ((g_beta - g_alpha * x).sum(1) * inv).sum(0)  # (Q,)
-        moment = 0.5 * (g_alpha * (x * x)).sum(1) - (g_beta * x).sum(1) + 0.5 * g_gamma  # (W, Q)
-        d_var = moment * inv * inv - 0.5 * g_alpha.sum(1) * inv  # (W, Q)
-        needs = ctx.needs_input_grad
-        return (d_mu.view(grad.shape[:-1]) if needs[0] else None,
-                d_var.sum(0).view(grad.shape[:-1]) if needs[1] else None, None, None, None)
+        y, f, inv, log_cols = ctx.saved_tensors  # (Q, K), (Q, D/W), (Q, W), (D/W,)
+        (q_count, num_w), num_k = inv.shape, y.shape[1]
+        with torch.autocast(device_type=grad.device.type, enabled=False):  # a backward under autocast keeps float32
+            g = grad.reshape(q_count, num_w, -1)  # (Q, W, D/W)
+            d_mu = d_sigma2 = None
+            if ctx.needs_input_grad[0]:  # ∂q̃/∂y = −2r·∂f/∂y summed over blocks; ∂y/∂μ = −½
+                g_f = torch.bmm(inv[:, None, :], g)[:, 0]  # (Q, D/W) Σ_g r_g g_g (= −½ ∂L/∂f)
+                d_y = torch.addcmul(g_f[:, num_k : 2 * num_k], y, g_f[:, :num_k], value=2.0)  # (Q, K) −½ ∂L/∂y
+                d_mu = d_y.sum(dim=1).view(grad.shape[:-1])  # (b, h, n)
+            if ctx.needs_input_grad[1]:  # ∂L/∂v = −r² ∂L/∂r + r ∂L/∂log v with ∂L/∂r = −2 Σ_j g_j f_j
+                g_r = torch.bmm(g, f[:, :, None])[:, :, 0]  # (Q, W) Σ_j g_j f_j
+                g_log = torch.matmul(g, log_cols)  # (Q, W) ∂L/∂log v
+                d_var = torch.addcmul(g_log, inv, g_r, value=2.0)  # (Q, W) v ∂L/∂v
+                d_sigma2 = torch.bmm(d_var[:, None, :], inv[:, :, None]).view(grad.shape[:-1])  # (b, h, n) Σ_g r_g (v ∂L/∂v)_g
+        return d_mu, d_sigma2, None, None, None, None, None
 
 
-def query_features(mu: Tensor, sigma2: Tensor, offsets: Tensor, widths: Tensor, dim: int) -> Tensor:
+def query_features(mu: Tensor, sigma2: Tensor, constants: ReadConstants) -> Tensor:
     """q̃ for every query (see :class:`_QueryFeatures`): μ, σ² (b, h, n) → (b, h, n, D)."""
-    return _QueryFeatures.apply(mu, sigma2, offsets, widths, dim)
+    c = constants
+    return _QueryFeatures.apply(mu, sigma2, c.half_offsets, c.widths_sq, c.log_cols, c.base, c.tail)
 
 
 class _Rescale(torch.autograd.Function):
@@ -213,20 +235,26 @@ class _Rescale(torch.autograd.Function):
         return F.pad(grad * ctx.scale, (0, ctx.pad)), None, None  # (b, h, n, D)
 
 
-def sdpa_constants(centres: Tensor, widths: Tensor, head_dim: int, min_width: float) -> tuple[Tensor, Tensor]:
-    """The fused read's constants for one basis and head dim: ``(keys (N + 1, D), offsets (K,))`` in
-    the dtype of ``centres`` (C,); ``widths`` (W,). A caller that reads often caches them
-    (``BasisCache.read_constants``): building them is some twenty small ops."""
+def sdpa_constants(centres: Tensor, widths: Tensor, head_dim: int, min_width: float) -> ReadConstants:
+    """The fused read's constants for one basis and head dim, in the dtype of ``centres`` (C,);
+    ``widths`` (W,). A caller that reads often caches them (``BasisCache.read_constants``): building
+    them is some thirty small ops."""
     num_w, num_c = widths.numel(), centres.numel()
     dim, num_k = feature_layout(head_dim, num_w, num_c, min_width)
     chunk, offsets = chunk_offsets(centres, num_k)  # (C,), (K,)
     keys = key_features(centres, chunk, offsets, num_w, dim, extra_logit(num_w * num_c, min_width))  # (N + 1, D)
-    return keys, offsets
+    block = dim // num_w  # D/W
+    log_cols = centres.new_zeros(block)  # (D/W,)
+    log_cols[:num_k] = -0.5
+    base = log_cols.mul(_LOG_2PI).repeat(num_w, 1)  # (W, D/W) −½ log 2π in the α columns
+    base[-1, -1] = 1.0  # the extra key's logit column
+    tail = centres.new_zeros(block - 2 * num_k)  # (D/W − 2K,)
+    tail[0] = 0.25
+    return ReadConstants(keys, 0.5 * offsets, widths.to(centres.dtype) ** 2, log_cols, base, tail)
 
 
 def expected_values_sdpa(mu: Tensor, sigma2: Tensor, v: Tensor, centres: Tensor, widths: Tensor,
-                         min_width: float | None = None,
-                         constants: tuple[Tensor, Tensor] | None = None) -> Tensor:
+                         min_width: float | None = None, constants: ReadConstants | None = None) -> Tensor:
     """z = Σ_j 𝒩(μ; c_j, σ² + w_j²) V_j through one SDPA over the N + 1 keys: (b, h, n, d).
 
     ``mu``, ``sigma2`` (b, h, n); ``v`` (b, h, N, d); ``centres`` (C,), ``widths`` (W,) the distinct
@@ -244,9 +272,11 @@ def expected_values_sdpa(mu: Tensor, sigma2: Tensor, v: Tensor, centres: Tensor,
         min_width = float(widths.min())
     logit = extra_logit(n_basis, min_width)  # L
     with torch.autocast(device_type=mu.device.type, enabled=False):
-        keys, offsets = constants if constants is not None else sdpa_constants(centres.to(ct), widths, d, min_width)
+        if constants is None:
+            constants = sdpa_constants(centres.to(ct), widths, d, min_width)
+        keys = constants.keys  # (N + 1, D)
         dim = keys.shape[1]  # D
-        queries = query_features(mu, sigma2, offsets, widths.to(ct), dim)  # (b, h, n, D)
+        queries = query_features(mu, sigma2, constants)  # (b, h, n, D)
         values = F.pad(v.to(ct), (0, dim - d, 0, 1))  # (b, h, N + 1, D) the extra key's value row is 0
         keys = keys.expand(b, h, -1, -1)  # (b, h, N + 1, D) stride 0 over b, h: read in place on CPU
         if keys.device.type != "cpu":  # some CUDA memory-efficient kernels mis-index stride-0 K/V (pytorch#191937)
@@ -257,7 +287,7 @@ def expected_values_sdpa(mu: Tensor, sigma2: Tensor, v: Tensor, centres: Tensor,
 
 
 def expected_values_dense(mu: Tensor, sigma2: Tensor, v: Tensor, centres: Tensor, widths: Tensor,
-                          min_width: float | None = None, constants: tuple[Tensor, Tensor] | None = None) -> Tensor:
+                          min_width: float | None = None, constants: ReadConstants | None = None) -> Tensor:
     """The same z through the materialised E_p[ψ] (b, h, n, N) (the reference and fallback).
 
     E_p[ψ] is built in the dtype of ``mu`` with autocast off, then multiplied with ``v`` in its dtype
@@ -272,7 +302,7 @@ def expected_values_dense(mu: Tensor, sigma2: Tensor, v: Tensor, centres: Tensor
 def gaussian_read(q: Tensor, coef: Tensor, w_k: Tensor, w_v: Tensor, w_mu: Tensor, w_sigma: Tensor,
                   centres: Tensor, widths: Tensor, sigma2_min: float,
                   impl: str = "sdpa", min_width: float | None = None,
-                  constants: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor, Tensor]:
+                  constants: ReadConstants | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """The LTM read before W_O (Eqs. 8–11): ``(z (b, h, n, d), μ (b, h, n), σ² (b, h, n))``.
 
     ``q`` (b, h, n, d) the host's queries; ``coef`` (b, N, e) the LTM coefficients B; ``w_k``, ``w_v``
