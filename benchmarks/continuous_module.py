@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_shape_args(p, batch=8, segment=1024, dim=300, heads=6, basis=512)
     p.add_argument("--sticky", action="store_true")
-    p.add_argument("--read-impls", nargs="+", choices=["sdpa", "dense"], default=["sdpa", "dense"],
+    p.add_argument("--read-impls", nargs="+", choices=["sdpa", "dense", "triton"], default=["sdpa", "dense"],
                    help="ContinuousConfig.read_impl of each module measured (interleaved)")
     p.add_argument("--autocast", choices=["bf16"], default=None)
     p.add_argument("--repeats", type=int, default=9)

@@ -2,7 +2,7 @@
 
 Notation: b batch, n queries, e model dim, h heads, d head dim, N basis functions (= keys).
 
-Three variants, each from the host's queries q (b, h, n, d) and the LTM coefficients B (b, N, e) to the
+Three variants (four on CUDA), each from the host's queries q (b, h, n, d) and the LTM coefficients B (b, N, e) to the
 layer's output (b, n, e), with every input and weight receiving gradients:
 
 * ``sdpa``: the LTM read of :func:`memory_plugins.continuous.read.gaussian_read` (V = W_V B, μ/σ², the
@@ -10,7 +10,9 @@ layer's output (b, n, e), with every input and weight receiving gradients:
   caches them (``BasisCache.read_constants``);
 * ``dense``: the same read through the materialised E_p[ψ] (b, h, n, N) (``impl="dense"``) and W_O;
 * ``attention``: plain SDPA over N keys with the same projections (K = W_K B, V = W_V B, W_O): the
-  cost of attending over N discrete memory vectors, the yardstick (goal: sdpa / attention ≤ 1.2).
+  cost of attending over N discrete memory vectors, the yardstick (goal: sdpa / attention ≤ 1.2);
+* ``triton``, where its kernels run (CUDA): the read through ``impl="triton"`` (:mod:`memory_plugins.
+  continuous.kernel`) and W_O.
 
 Timing: the variants run in interleaved rounds (one forward + backward of each per round, in a fresh
 random order) after warm-up rounds, so that load changes on a shared machine hit all alike; the
@@ -38,13 +40,14 @@ from torch.profiler import ProfilerActivity, profile
 from benchmarks.bench_utils import count_operators, interleaved, sync, write_result
 
 from memory_plugins.continuous.basis import rbf_basis
+from memory_plugins.continuous.kernel import kernel_available
 from memory_plugins.continuous.read import feature_layout, gaussian_read, sdpa_constants
 
 SHAPES = {  # b, n, e, h, N, widths
     "small": dict(b=4, n=256, e=192, h=6, N=256, widths=(0.01, 0.05)),
     "sorting": dict(b=8, n=1024, e=300, h=6, N=512, widths=(0.01, 0.05)),  # the paper's sorting sizes, d = 50
 }
-VARIANTS = ("sdpa", "dense", "attention")
+VARIANTS = ("sdpa", "dense", "attention")  # and "triton" (read_impl="triton") where its kernels run
 
 
 def make_inputs(shape: dict, device: torch.device, seed: int = 0) -> dict:
@@ -114,7 +117,8 @@ def sdpa_ops(variant: str, x: dict, autocast: torch.dtype | None) -> list[str]:
 def run_shape(name: str, args: argparse.Namespace, device: torch.device, autocast: torch.dtype | None) -> dict:
     shape = SHAPES[name]
     x = make_inputs(shape, device)
-    times = interleaved({v: (lambda v=v: step(v, x, autocast)) for v in VARIANTS}, device, args.warmup, args.repeats)
+    variants = VARIANTS + (("triton",) if kernel_available(device, torch.float32) else ())
+    times = interleaved({v: (lambda v=v: step(v, x, autocast)) for v in variants}, device, args.warmup, args.repeats)
     med = {v: statistics.median(t) for v, t in times.items()}
     d, widths = shape["e"] // shape["h"], shape["widths"]
     dim, chunks = feature_layout(d, len(widths), shape["N"] // len(widths), min(widths))
@@ -124,17 +128,21 @@ def run_shape(name: str, args: argparse.Namespace, device: torch.device, autocas
         "ms_median": med, "ms_min": {v: min(t) for v, t in times.items()}, "ms_all": times,
         "ratio_sdpa_over_attention": med["sdpa"] / med["attention"],
         "ratio_dense_over_attention": med["dense"] / med["attention"],
-        "sdpa_ops": {v: sdpa_ops(v, x, autocast) for v in VARIANTS},
-        "operators": {v: count_operators(lambda v=v: step(v, x, autocast), device) for v in VARIANTS},
+        "sdpa_ops": {v: sdpa_ops(v, x, autocast) for v in variants},
+        "operators": {v: count_operators(lambda v=v: step(v, x, autocast), device) for v in variants},
     }
+    if "triton" in med:
+        row["ratio_triton_over_attention"] = med["triton"] / med["attention"]
     print(f"{name:<8} {torch.get_num_threads():>3} {row['b']:>3} {row['n']:>5} {row['e']:>4} {row['h']:>2} {row['d']:>3} {row['N']:>5} "
           f"{med['sdpa']:>9.1f} {med['dense']:>9.1f} {med['attention']:>9.1f} "
           f"{row['ratio_sdpa_over_attention']:>7.2f} {row['ratio_dense_over_attention']:>7.2f} "
-          + " ".join(f"{row['operators'][v]['compute_ops']:>5}" for v in VARIANTS), flush=True)
+          + " ".join(f"{row['operators'][v]['compute_ops']:>5}" for v in VARIANTS)
+          + (f"   triton {med['triton']:.1f} ms, ÷ attention {row['ratio_triton_over_attention']:.2f}, "
+             f"{row['operators']['triton']['compute_ops']} ops" if "triton" in med else ""), flush=True)
     if args.profile:
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
         sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
-        for variant in VARIANTS:
+        for variant in variants:
             with profile(activities=activities) as prof:
                 for _ in range(3):
                     step(variant, x, autocast)

@@ -15,7 +15,8 @@ interleaved so that machine noise hits every memory alike:
   from eager's.
 
     python -m benchmarks.continuous_step --threads 1                      # CPU shapes of the issue
-    python -m benchmarks.continuous_step --device cuda --batch 8 --segment 1024 --dim 300 --heads 6 --basis 512
+    python -m benchmarks.continuous_step --device cuda --batch 8 --segment 1024 --dim 300 --heads 6 --basis 512 \
+        --memories none xl continuous continuous-triton      # continuous-triton: read_impl="triton"
 
 At tiny shapes on a CPU the step is bound by host overhead per op, as a GPU step is by launches at the
 paper's sizes: ``--batch 1 --segment 32 --dim 48 --basis 64 --foreach`` (AdamW's multi-tensor path,
@@ -46,7 +47,11 @@ def build(memory: str, args: argparse.Namespace, device: torch.device) -> torch.
         return base.to(device)
     if memory == "xl":
         return mp.wrap(base, "xl", mem_len=args.basis).to(device)
-    return mp.wrap(base, "continuous", n_basis=args.basis, stm_len=0, zero_init_output=False).to(device)
+    if memory not in ("continuous", "continuous-triton"):
+        raise ValueError(f"--memories: {memory!r} is not one of none, xl, continuous, continuous-triton")
+    impl = "triton" if memory == "continuous-triton" else "sdpa"  # the read's own kernels (CUDA), or SDPA
+    return mp.wrap(base, "continuous", n_basis=args.basis, stm_len=0, zero_init_output=False,
+                   read_impl=impl).to(device)
 
 
 def step(model: torch.nn.Module, opt: torch.optim.Optimizer, tokens: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:

@@ -2,7 +2,8 @@
 # The GPU half of issue 10 in one device session: the continuous memory's read and training step against
 # attention / XL at the paper's sorting sizes, fp32 and bf16, kernel launches per step, the module alone,
 # the whole test suite on CUDA, per-segment time up to 10^6 tokens, the compiled step with and without
-# CUDA graphs, and what a padded count's fit matrices cost.
+# CUDA graphs, and what a padded count's fit matrices cost; each with the SDPA read and the read's own
+# Triton kernels (read_impl="triton": "continuous-triton" in the step and probe tables).
 # The script keeps to a budget of BUDGET seconds (default 600): each step gets at most what is left, and
 # what the CPU cannot check comes first (the suite on CUDA, CUDA graphs). Results land in RES (default
 # benchmarks/results/gpu_issue10); with PACK=file.tgz they are also packed into that one file after every
@@ -61,21 +62,25 @@ MEMORY_PLUGINS_TEST_DEVICE=$DEVICE lim 150 $PY -m pytest -q -p no:cacheprovider 
 # 2. CUDA graphs: a training step under torch.compile mode reduce-overhead against eager and the default
 #    compile, xl and continuous (benchmarks/cuda_graphs_probe.py: the state copied out of the graphs' pool and
 #    the continuous fit as one operator, graph_ops.py); a failing variant is reported, the rest go on
-lim 300 $PY -m benchmarks.cuda_graphs_probe --device "$DEVICE" $SORT $STEPS --out "$RES/cuda_graphs_probe.json" \
+lim 300 $PY -m benchmarks.cuda_graphs_probe --device "$DEVICE" $SORT $STEPS --memories xl continuous continuous-triton \
+  --out "$RES/cuda_graphs_probe.json" \
   >"$RES/cuda_graphs_probe.log" 2>&1; grep -E "^(memory|xl|continuous) " "$RES/cuda_graphs_probe.log"
 grep "skipping cudagraphs" "$RES/cuda_graphs_probe.log" | sort | uniq -c | cut -c1-220; pack
 # 3. a training step at the paper's sorting sizes: none / xl (mem_len = N) / continuous, eager, kernel
 #    launches per step; fp32 then bf16 (the issue: continuous ÷ xl ≤ 1.1, bf16 faster than fp32)
 for dt in fp32 bf16; do
-  lim 90 $PY -m benchmarks.continuous_step --device "$DEVICE" $SORT $STEPS --dtype $dt --out "$RES/step_$dt.json"
+  lim 90 $PY -m benchmarks.continuous_step --device "$DEVICE" $SORT $STEPS --dtype $dt \
+    --memories none xl continuous continuous-triton --out "$RES/step_$dt.json"
 done 2>&1 | grep -v "^USDT" | tee "$RES/step.log"; pack
 # 4. the read (fused SDPA read vs dense vs attention over N keys), fp32 then bf16 autocast
 { lim 60 $PY -m benchmarks.continuous_read --device "$DEVICE" $READ --out "$RES/read_fp32.json"
   lim 60 $PY -m benchmarks.continuous_read --device "$DEVICE" --autocast bf16 $READ --out "$RES/read_bf16.json"
 } 2>&1 | tee "$RES/read.log"; pack
 # 5. the module alone at the sorting sizes (time, peak memory; the issue compares it with the authors' release)
-{ lim 60 $PY -m benchmarks.continuous_module --device "$DEVICE" $MODULE --out "$RES/module_fp32.json"
-  lim 45 $PY -m benchmarks.continuous_module --device "$DEVICE" $MODULE --autocast bf16 --out "$RES/module_bf16.json"
+{ lim 60 $PY -m benchmarks.continuous_module --device "$DEVICE" $MODULE --read-impls sdpa dense triton \
+    --out "$RES/module_fp32.json"
+  lim 45 $PY -m benchmarks.continuous_module --device "$DEVICE" $MODULE --read-impls sdpa dense triton --autocast bf16 \
+    --out "$RES/module_bf16.json"
 } 2>&1 | tee "$RES/module.log"; pack
 # 6. per-segment time and peak memory as the context grows (goal: 10^6 ÷ 10^3 ≤ 1.05)
 lim 90 $PY -m benchmarks.continuous_scaling --device "$DEVICE" $SCALE --out "$RES/scaling.json" 2>&1 | tee "$RES/scaling.log"; pack

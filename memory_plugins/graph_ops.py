@@ -1,4 +1,4 @@
-"""Operators that a compiled graph runs as opaque calls, outside CUDA graphs.
+"""Operators that a compiled graph runs as opaque calls, most of them outside CUDA graphs.
 
 ``torch.compile(model, mode="reduce-overhead")`` records the graph's kernels as CUDA graphs and
 replays them. Two things in a memory's step do not fit a replay:
@@ -16,6 +16,10 @@ partitions), runs them eagerly between the captured parts and captures the rest.
 graphs they are plain calls: Dynamo traces through them without a graph break, and eager code does
 not use them. On a torch without ``torch.library.custom_op`` (< 2.4) they fall back to functions
 that Dynamo does not trace (a graph break each: slower, still correct).
+
+The same helper registers operators that CUDA graphs may capture (``capturable=True``): the
+continuous read's Triton kernels (:mod:`memory_plugins.continuous.kernel`), opaque to Dynamo so
+that it does not trace into Triton, and plain kernel launches for CUDA graphs.
 """
 
 from __future__ import annotations
@@ -27,15 +31,18 @@ from torch import Tensor
 
 
 def graph_op(name: str, *, fake: Callable[..., Any], backward: Callable[..., Any] | None = None,
+             setup: Callable[..., None] | None = None, capturable: bool = False,
              ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Register the decorated function as the operator ``memory_plugins::<name>``, tagged
-    ``cudagraph_unsafe``. ``fake`` returns empty outputs of the right shapes (what tracing sees);
-    ``backward(ctx, *grads)`` makes it differentiable (setup saves nothing)."""
+    ``cudagraph_unsafe`` unless ``capturable`` (a kernel launch with no host logic: CUDA graphs record
+    it like any other). ``fake`` returns empty outputs of the right shapes (what tracing sees);
+    ``backward(ctx, *grads)`` makes it differentiable, with ``setup(ctx, inputs, output)`` saving what
+    it needs (None: nothing)."""
 
     def register(fn: Callable[..., Any]) -> Callable[..., Any]:
         if not hasattr(torch.library, "custom_op"):
             return torch.compiler.disable(fn) if hasattr(torch, "compiler") else fn
-        unsafe = getattr(getattr(torch, "Tag", None), "cudagraph_unsafe", None)
+        unsafe = None if capturable else getattr(getattr(torch, "Tag", None), "cudagraph_unsafe", None)
         try:
             op = torch.library.custom_op(f"memory_plugins::{name}", mutates_args=(),
                                          tags=(unsafe,) if unsafe is not None else ())(fn)
@@ -43,7 +50,7 @@ def graph_op(name: str, *, fake: Callable[..., Any], backward: Callable[..., Any
             op = torch.library.custom_op(f"memory_plugins::{name}", mutates_args=())(fn)
         op.register_fake(fake)
         if backward is not None:
-            op.register_autograd(backward, setup_context=lambda ctx, inputs, output: None)
+            op.register_autograd(backward, setup_context=setup or (lambda ctx, inputs, output: None))
         return op
 
     return register

@@ -6,12 +6,17 @@ import os
 from dataclasses import dataclass
 from typing import ClassVar, Iterator
 
-import pytest
-import torch
-from torch import Tensor, nn
+# On the CPU the continuous read's Triton kernels (read_impl="triton") run in Triton's interpreter. The
+# variable must be set before triton is imported (memory_plugins' import pulls it in through torch).
+if os.environ.get("MEMORY_PLUGINS_TEST_DEVICE", "cpu") == "cpu":
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import memory_plugins as mp
-from memory_plugins import HostAttention, MemoryConfig, MemoryRead
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from torch import Tensor, nn  # noqa: E402
+
+import memory_plugins as mp  # noqa: E402
+from memory_plugins import HostAttention, MemoryConfig, MemoryRead  # noqa: E402
 
 # The suite runs on the CPU (CI). ``MEMORY_PLUGINS_TEST_DEVICE=cuda pytest`` runs it on a GPU: the tests
 # build their models and tensors with torch's default device, which is then that device, with TF32 off so

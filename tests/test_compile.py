@@ -151,14 +151,15 @@ def _check_cuda_graph_safe(graphs: list[torch.fx.GraphModule], layers: int, wher
 
 
 def _compare(host: str, name: str, backend: str | None = None, masks: list[Tensor | None] | None = None,
-             overrides: dict | None = None) -> tuple[list[int], mp.MemoryModel]:
+             overrides: dict | None = None, graphs: list[torch.fx.GraphModule] | None = None,
+             ) -> tuple[list[int], mp.MemoryModel]:
     """Train eager and compiled side by side; assert they agree; return the compiled frames after each
     segment and the compiled model's wrapped module. The default backend is ``aot_eager`` that keeps
-    the graphs: they are checked as well."""
+    the graphs (in ``graphs`` if given): they are checked as well."""
     eager, twin = _pair(host, name, overrides)
     torch._dynamo.reset()
     counters.clear()
-    graphs: list[torch.fx.GraphModule] = []
+    graphs = [] if graphs is None else graphs
     compiled = torch.compile(twin, backend=backend or _recording(graphs))
     frames = []
     gen = make_generator(1)
@@ -228,6 +229,19 @@ def test_linear_spacing_compiles_without_graph_breaks() -> None:
     """The continuous memory without sticky memories or STM (its update is B ← T B + G_newᵀ X̃)."""
     _check_compiles(_compare("reference", "continuous", overrides=LINEAR)[0], "reference/continuous linear")
     assert sum(counters["graph_break"].values()) == 0, dict(counters["graph_break"])
+
+
+def test_the_triton_read_is_an_operator_of_the_graph() -> None:
+    """``read_impl="triton"``: the read's kernels are called by the compiled graphs, forward and backward,
+    without a graph break, as operators that CUDA graphs capture (not split out like the fit)."""
+    graphs: list[torch.fx.GraphModule] = []
+    frames, _ = _compare("reference", "continuous", overrides={"read_impl": "triton"}, graphs=graphs)
+    _check_compiles(frames, "reference/continuous triton")
+    assert sum(counters["graph_break"].values()) == 0, dict(counters["graph_break"])
+    calls = [n for gm in graphs for n in gm.graph.nodes if n.op == "call_function"]
+    reads = {str(n.target) for n in calls if str(n.target).startswith("memory_plugins.gauss_read")}
+    assert reads == {"memory_plugins.gauss_read.default", "memory_plugins.gauss_read_backward.default"}, reads
+    assert not any(is_cudagraph_unsafe_fx_node(n) for n in calls if str(n.target) in reads)
 
 
 @pytest.mark.slow

@@ -62,7 +62,9 @@ class ContinuousConfig(MemoryConfig):
     * ``zero_init_output``: W_O starts at zero, so the memory adds nothing until trained.
     * ``read_impl``: ``"sdpa"`` computes the Gaussian read as one fused attention over the N basis
       keys (never materialising the (b, h, n, N) densities, :mod:`.read`); ``"dense"`` materialises
-      them (the reference; same values within float32 rounding).
+      them (the reference; same values within float32 rounding); ``"triton"`` runs the read's own
+      kernels (:mod:`.kernel`: one launch forward, two backward, exact float32 exponents) on CUDA
+      devices where the ``triton`` package imports, and reads through SDPA elsewhere (CPU, float64).
     * ``fit_cache_mib``: the most memory (MiB, on the model's device) that the fit matrices G and T
       kept for reuse may take. Padding gives every count of valid vectors its own layout and
       matrices (a document's last segment; about 2 MiB each at N = 512, n = 1,024); without a bound
@@ -130,7 +132,7 @@ class ContinuousConfig(MemoryConfig):
         if self.mu_prior is not None:
             check_float(self, "mu_prior", 0.0, 1.0)
         check_bool(self, "zero_init_output")
-        check_choice(self, "read_impl", ("sdpa", "dense"))
+        check_choice(self, "read_impl", ("sdpa", "dense", "triton"))
         check_float(self, "fit_cache_mib", 0.0, low_open=True)
 
     @property

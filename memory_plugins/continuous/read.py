@@ -47,9 +47,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .basis import expected_basis_grid
+from .kernel import expected_values_triton, kernel_available
 
 _LOG_2PI = math.log(2.0 * math.pi)
-IMPLS = ("sdpa", "dense")
+IMPLS = ("sdpa", "dense", "triton")
 CHUNK_HALF_WIDTH = 10.0  # a chunk spans at most ±10 w_min around its offset (see feature_layout)
 
 
@@ -310,13 +311,16 @@ def gaussian_read(q: Tensor, coef: Tensor, w_k: Tensor, w_v: Tensor, w_mu: Tenso
     ``centres`` (C,), ``widths`` (W,) the distinct centres and widths (``BasisCache.grid``);
     ``sigma2_min`` the clamp of σ²; ``min_width`` min(widths) as a Python float (sizes the SDPA's
     features; None reads it from ``widths``, a device sync on a GPU); ``constants`` the fused read's
-    :func:`sdpa_constants` (None: built per call). ``impl``: "sdpa" (fused
-    attention, no (b, h, n, N) tensor) or "dense" (materialised E_p[ψ]). μ, σ² are float32 (float64
+    :func:`sdpa_constants` (None: built per call). ``impl``: "sdpa" (fused attention, no (b, h, n, N)
+    tensor), "dense" (materialised E_p[ψ]) or "triton" (the read's own kernels, :mod:`.kernel`, on
+    CUDA in float32; "sdpa" wherever they do not run). μ, σ² are float32 (float64
     for float64 queries); z has the dtype of the value projection (bf16 under bf16 autocast).
     """
     if impl not in IMPLS:
         raise ValueError(f"continuous read: impl must be one of {IMPLS}, got {impl!r}")
     mu, sigma2 = gaussian_params(q, coef, w_k, w_mu, w_sigma, sigma2_min)  # (b, h, n), (b, h, n)
     v = value_heads(coef, w_v, q.shape[1])  # (b, h, N, d)
-    read = expected_values_sdpa if impl == "sdpa" else expected_values_dense
+    if impl == "triton" and not kernel_available(mu.device, mu.dtype):
+        impl = "sdpa"  # the kernel is CUDA's (and float32's): elsewhere the same read through SDPA
+    read = {"sdpa": expected_values_sdpa, "dense": expected_values_dense, "triton": expected_values_triton}[impl]
     return read(mu, sigma2, v, centres, widths, min_width, constants), mu, sigma2  # (b, h, n, d), (b, h, n), (b, h, n)

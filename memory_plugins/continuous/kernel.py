@@ -1,0 +1,137 @@
+"""The continuous memory's read as one Triton kernel forward and two backward (``read_impl="triton"``).
+
+Notation: b batch, h heads, n queries, d head dim, N = W·C basis functions (width-major: key j has
+centre c_{j mod C} and width w_{⌊j/C⌋}), BM × BN a tile of queries × keys, BD ≥ d a power of two ≥ 16.
+
+The read z_i = Σ_j p_ij V_j with p_ij = 𝒩(μ_i; c_j, v_ij), v_ij = σ²_i + w_j² (Eq. 11) needs no
+softmax: each density is at most 1/√(2π w_min²), so the sum is formed directly, tile by tile, with
+the exponent computed as it stands, −(μ − c)²/(2v), in float32 (no cancelling features, unlike the
+SDPA read of :mod:`.read`). Gradients (s_ij = dz_i·V_j, the density's sensitivity):
+
+    ∂L/∂V_j = Σ_i p_ij dz_i,   ∂L/∂μ_i = −Σ_j s_ij p_ij (μ_i − c_j)/v_ij,
+    ∂L/∂σ²_i = Σ_j s_ij p_ij ((μ_i − c_j)²/(2v_ij²) − 1/(2v_ij)).
+
+Forward: one program per (sample·head, query tile) sweeps the keys. Backward: one kernel per query
+tile for ∂μ, ∂σ² (sweeping keys), one per key tile for ∂V (sweeping queries); p is recomputed, never
+stored. Matrix products use ``input_precision="ieee"`` (TF32 would cost ~1e-3 relative).
+
+Where it runs: CUDA tensors with the ``triton`` package, and any device under ``TRITON_INTERPRET=1``
+(Triton's interpreter: how the CPU tests run it). :func:`kernel_available` says whether a read on a
+device takes it; the backend reads through SDPA otherwise. Float64 reads also go through SDPA. The
+kernels are registered as the operators ``memory_plugins::gauss_read`` and its backward, so a
+compiled graph calls them without a break and CUDA graphs capture them.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..graph_ops import graph_op
+
+_HAS_TRITON = importlib.util.find_spec("triton") is not None  # found, not imported
+_BM, _BN = 64, 64  # query and key tile sizes (tl.dot needs ≥ 16)
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def kernel_available(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether a read of ``dtype`` on ``device`` runs the kernel: float32 (the read's compute dtype for
+    every float32/bf16/fp16 model) on CUDA, or anywhere under the interpreter; triton installed."""
+    return _HAS_TRITON and dtype == torch.float32 and (device.type == "cuda" or _interpreting())
+
+
+def _build() -> Any:
+    """The kernels' module, jitted under the current ``TRITON_INTERPRET`` (re-imported if it changed)."""
+    try:
+        import triton  # noqa: F401
+    except ImportError as err:  # a clear error where the kernel is forced (kernel_available guards the backend)
+        raise ImportError("the continuous memory's read_impl='triton' needs the triton package "
+                          "(pip install triton; CUDA builds of torch ship it)") from err
+    from . import _triton_read
+
+    if _triton_read.INTERPRET != os.environ.get("TRITON_INTERPRET", "0"):
+        importlib.reload(_triton_read)
+    return _triton_read
+
+
+def _block_d(d: int) -> int:
+    return max(16, 1 << (d - 1).bit_length())  # the next power of two ≥ d, at least 16 (tl.dot)
+
+
+def _read_fake(mu: Tensor, sigma2: Tensor, v: Tensor, centres: Tensor, widths: Tensor) -> Tensor:
+    b, h, n = mu.shape
+    return v.new_empty(b, n, h, v.shape[-1])  # (b, n, h, d)
+
+
+def _read_backward(ctx: Any, dz: Tensor) -> tuple[Tensor | None, ...]:
+    mu, sigma2, v, centres, widths = ctx.saved_tensors
+    d_mu, d_sigma2, d_v = gauss_read_backward(dz.contiguous(), mu, sigma2, v, centres, widths)
+    return d_mu, d_sigma2, d_v, None, None
+
+
+def _read_setup(ctx: Any, inputs: tuple[Tensor, ...], output: Tensor) -> None:
+    ctx.save_for_backward(*inputs)
+
+
+@graph_op("gauss_read", fake=_read_fake, backward=_read_backward, setup=_read_setup, capturable=True)
+def gauss_read(mu: Tensor, sigma2: Tensor, v: Tensor, centres: Tensor, widths: Tensor) -> Tensor:
+    """z (b, n, h, d) = Σ_j 𝒩(μ; c_j, σ² + w_j²) V_j. ``mu``, ``sigma2`` (b, h, n), ``v`` (b, h, N, d), all
+    float32 and contiguous; ``centres`` (C,), ``widths`` (W,) float32, N = W·C width-major."""
+    kernels = _build()
+    b, h, n = mu.shape
+    n_keys, d = v.shape[-2:]
+    z = v.new_empty(b, n, h, d)  # (b, n, h, d)
+    grid = (b * h, _cdiv(n, _BM))
+    kernels.forward_kernel[grid](mu, sigma2, v, centres, widths, z, n, n_keys, centres.numel(), h, d,
+                                 BM=_BM, BN=_BN, BD=_block_d(d))
+    return z
+
+
+def _backward_fake(dz: Tensor, mu: Tensor, sigma2: Tensor, v: Tensor, centres: Tensor, widths: Tensor,
+                   ) -> tuple[Tensor, Tensor, Tensor]:
+    return torch.empty_like(mu), torch.empty_like(sigma2), torch.empty_like(v)
+
+
+@graph_op("gauss_read_backward", fake=_backward_fake, capturable=True)
+def gauss_read_backward(dz: Tensor, mu: Tensor, sigma2: Tensor, v: Tensor, centres: Tensor, widths: Tensor,
+                        ) -> tuple[Tensor, Tensor, Tensor]:
+    """(∂L/∂μ (b, h, n), ∂L/∂σ² (b, h, n), ∂L/∂V (b, h, N, d)) from ``dz`` (b, n, h, d) contiguous."""
+    kernels = _build()
+    b, h, n = mu.shape
+    n_keys, d = v.shape[-2:]
+    d_mu, d_sigma2, d_v = torch.empty_like(mu), torch.empty_like(sigma2), torch.empty_like(v)
+    block_d = _block_d(d)
+    kernels.query_grad_kernel[(b * h, _cdiv(n, _BM))](mu, sigma2, v, centres, widths, dz, d_mu, d_sigma2, n, n_keys,
+                                             centres.numel(), h, d, BM=_BM, BN=_BN, BD=block_d)
+    kernels.value_grad_kernel[(b * h, _cdiv(n_keys, _BN))](mu, sigma2, centres, widths, dz, d_v, n, n_keys,
+                                                  centres.numel(), h, d, BM=_BM, BN=_BN, BD=block_d)
+    return d_mu, d_sigma2, d_v
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def expected_values_triton(mu: Tensor, sigma2: Tensor, v: Tensor, centres: Tensor, widths: Tensor,
+                           min_width: float | None = None, constants: Any = None) -> Tensor:
+    """z = Σ_j 𝒩(μ; c_j, σ² + w_j²) V_j through the kernels: (b, h, n, d) in the dtype of ``v``, laid
+    out as a (b, n, h, d) buffer (the heads' concatenation W_O reads is a free view).
+
+    ``mu``, ``sigma2`` (b, h, n) float32; ``v`` (b, h, N, d) (cast to float32 for the read, as the SDPA
+    read does); ``centres`` (C,), ``widths`` (W,). ``min_width`` and ``constants`` are unused (the
+    signature matches :func:`.read.expected_values_sdpa`)."""
+    b, h, n_basis, d = v.shape
+    if widths.numel() * centres.numel() != n_basis:
+        raise ValueError(f"continuous read: {widths.numel()} widths × {centres.numel()} centres ≠ {n_basis} value rows")
+    with torch.autocast(device_type=mu.device.type, enabled=False):
+        z = gauss_read(mu.contiguous(), sigma2.contiguous(), v.to(torch.float32).contiguous(),
+                       centres.to(torch.float32).contiguous(), widths.to(torch.float32).contiguous())  # (b, n, h, d)
+    return z.transpose(1, 2).to(v.dtype)  # (b, h, n, d)

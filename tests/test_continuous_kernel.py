@@ -1,0 +1,142 @@
+"""The continuous memory's read as Triton kernels (memory_plugins/continuous/kernel.py, ``read_impl="triton"``).
+
+Notation: b batch, h heads, n queries, d head dim, N = W·C basis functions.
+
+On the CPU the kernels run in Triton's interpreter (``TRITON_INTERPRET=1``, set by conftest.py before
+triton is imported); with ``MEMORY_PLUGINS_TEST_DEVICE=cuda`` they are compiled for the GPU. The
+reference is the float64 read of tests/test_continuous_read.py, written out from the paper.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import memory_plugins as mp
+from memory_plugins.continuous.kernel import expected_values_triton, kernel_available
+from memory_plugins.models import ReferenceDecoder
+
+from .conftest import DEVICE, make_generator
+from .test_continuous_read import SIGMA2_MIN, grid, make_case, reference_values, rel_err, run, run_reference
+
+pytest.importorskip("triton", reason="read_impl='triton' needs the triton package (a dev dependency on Linux x86-64)")
+
+KERNEL_TOL = 2e-5  # exact exponents in float32 (measured ≲ 1e-6); the SDPA read's bound is 1e-4
+
+
+def test_the_kernel_runs_where_the_tests_run() -> None:
+    """Else every test below would compare the SDPA read with itself."""
+    assert kernel_available(DEVICE, torch.float32)
+    assert not kernel_available(DEVICE, torch.float64)  # float64 reads go through SDPA
+
+
+# b, h, n, d, C, widths: tiles of 64 queries and 64 keys, so ragged last tiles; d below, at and above 16
+SHAPES = [(2, 3, 70, 20, 40, (0.01, 0.05)), (1, 2, 64, 16, 32, (0.01,)), (2, 1, 9, 50, 24, (0.005, 0.01, 0.05)),
+          (1, 1, 130, 4, 70, (0.05,))]
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "b{}h{}n{}d{}C{}W{}".format(*s[:5], len(s[5])))
+def test_kernel_read_and_its_gradients_match_float64(shape: tuple) -> None:
+    b, h, n, d, c, widths = shape
+    gen = make_generator(0)
+    centres, w = grid(c, widths)  # (C,), (W,)
+    mu = torch.rand(b, h, n, generator=gen, device=DEVICE, dtype=torch.float64) * 1.2 - 0.1  # (b, h, n) past both ends
+    sigma2 = 10 ** (-6 + 5 * torch.rand(b, h, n, generator=gen, device=DEVICE, dtype=torch.float64))  # (b, h, n) 1e-6 … 0.1
+    v = torch.randn(b, h, c * len(widths), d, generator=gen, device=DEVICE, dtype=torch.float64)  # (b, h, N, d)
+    leaves64 = [t.requires_grad_() for t in (mu, sigma2, v)]
+    leaves32 = [t.detach().float().requires_grad_() for t in leaves64]
+    dz = torch.randn(b, h, n, d, generator=gen, device=DEVICE, dtype=torch.float64)  # (b, h, n, d)
+
+    z = expected_values_triton(*leaves32, centres, w)  # (b, h, n, d)
+    z.backward(dz.float())
+    ref = reference_values(mu, sigma2, v, centres.double().repeat(len(widths)),
+                           w.double().repeat_interleave(c))  # (b, h, n, d) key j: centre j mod C, width j // C
+    ref.backward(dz)
+    assert z.dtype == torch.float32 and z.shape == (b, h, n, d)
+    assert rel_err(z, ref) < KERNEL_TOL
+    for name, got, want in zip(("mu", "sigma2", "v"), leaves32, leaves64):
+        assert rel_err(got.grad, want.grad) < KERNEL_TOL, name
+
+
+def test_kernel_gaussian_read_matches_the_paper_end_to_end() -> None:
+    """The whole read (μ, σ² from the queries, V = W_V B, the kernel) against the float64 reference, with
+    μ near both ends and σ² at the clamp: every input's gradient."""
+    case = make_case(0, 2, 3, 40, 8, 32, (0.01, 0.05))
+    (z_ref, _, _), g_ref = run_reference(case)
+    (z, _, _), g = run(case, "triton")
+    assert rel_err(z, z_ref) < KERNEL_TOL
+    for key in ("q", "coef", "w_k", "w_v", "w_mu", "w_sigma"):
+        assert rel_err(g[key], g_ref[key]) < 1e-4, key  # μ/σ² through their logits: float32 matmuls
+
+
+def _stream(impl: str, dtype: torch.dtype = torch.float32, autocast: bool = False,
+            ) -> tuple[list[float], dict[str, torch.Tensor], dict]:
+    """Four padded training segments of a wrapped reference decoder: losses, gradients, final state."""
+    torch.manual_seed(0)
+    base = ReferenceDecoder(vocab_size=40, dim=24, depth=2, heads=3)
+    model = mp.wrap(base, "continuous", n_basis=32, basis_widths=(0.01, 0.05), stm_len=8, zero_init_output=False,
+                    read_impl=impl).to(dtype).train()
+    gen = make_generator(3)
+    losses = []
+    for s in range(4):
+        tokens = torch.randint(0, 40, (2, 12), generator=gen, device=DEVICE)  # (b, n)
+        mask = torch.ones(2, 12, dtype=torch.bool, device=DEVICE)  # (b, n)
+        mask[1, : 2 * s] = False  # left padding, another count each segment
+        with torch.autocast(DEVICE.type, dtype=torch.bfloat16, enabled=autocast):
+            logits = model(tokens, mask=mask)  # (b, n, V)
+            loss = logits.float().logsumexp(-1).mean() + model.memory_aux_loss()
+        loss.backward()
+        losses.append(loss.item())
+    grads = {k: p.grad.detach().clone() for k, p in model.named_parameters() if p.grad is not None}
+    return losses, grads, copy.deepcopy(model.memory_state())
+
+
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16-autocast"])
+def test_a_model_reading_through_the_kernel_trains_as_through_sdpa(autocast: bool) -> None:
+    losses_k, grads_k, state_k = _stream("triton", autocast=autocast)
+    losses_s, grads_s, state_s = _stream("sdpa", autocast=autocast)
+    tol = 2e-2 if autocast else 1e-4  # bf16 autocast: the host's own matmuls round differently
+    for a, b in zip(losses_k, losses_s):
+        assert abs(a - b) <= tol * max(1.0, abs(b))
+    for key in grads_s:
+        assert rel_err(grads_k[key], grads_s[key]) < (5e-2 if autocast else 1e-3), key
+    coef_k = torch.stack([layer["coef"] for layer in state_k["layers"].values()])
+    coef_s = torch.stack([layer["coef"] for layer in state_s["layers"].values()])
+    assert rel_err(coef_k, coef_s) < (5e-2 if autocast else 1e-3)
+
+
+def test_where_the_kernel_does_not_run_the_read_is_sdpa_exactly() -> None:
+    """Float64 models: ``read_impl="triton"`` reads through SDPA, bit for bit."""
+    losses_k, grads_k, _ = _stream("triton", torch.float64)
+    losses_s, grads_s, _ = _stream("sdpa", torch.float64)
+    assert losses_k == losses_s
+    assert all(torch.equal(grads_k[k], grads_s[k]) for k in grads_s)
+
+
+def test_a_missing_triton_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    import builtins
+
+    from memory_plugins.continuous import kernel
+
+    real_import = builtins.__import__
+
+    def no_triton(name: str, *args, **kwargs):  # type: ignore[no-untyped-def]
+        if name == "triton" or name.startswith("triton."):
+            raise ImportError("No module named 'triton'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_triton)
+    with pytest.raises(ImportError, match=r"read_impl='triton' needs the triton package"):
+        kernel._build()
+
+
+def test_sigma2_min_keeps_the_kernel_finite() -> None:
+    """σ² at the clamp with the narrowest width: the densest keys, 1/√(2π w²), stay finite in float32."""
+    centres, w = grid(256, (0.005,))
+    mu = centres[None, None, :].clone()  # (1, 1, 256) every query on a centre
+    sigma2 = torch.full_like(mu, SIGMA2_MIN)  # (1, 1, 256)
+    v = torch.ones(1, 1, 256, 4, device=DEVICE)  # (1, 1, N, d)
+    z = expected_values_triton(mu, sigma2, v, centres, w)  # (1, 1, 256, 4)
+    assert torch.isfinite(z).all() and z.min() > 1.0
