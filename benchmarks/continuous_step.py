@@ -127,10 +127,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for row in rows:
         row["ratio_to_xl"] = row["step_ms"] / xl["step_ms"] if xl else None
     cuda = device.type == "cuda"
-    print(f"{'memory':<12}{'step ms':>10}{'÷ xl':>8}{'aten ops':>10}{'compute':>9}{'nodes':>7}" + (f"{'launches':>10}" if cuda else "")
+    print(f"{'memory':<18}{'step ms':>10}{'÷ xl':>8}{'aten ops':>10}{'compute':>9}{'nodes':>7}" + (f"{'launches':>10}" if cuda else "")
           + ("  compiled ms  breaks  |Δloss|" if args.compile else ""))
     for row in rows:
-        line = (f"{row['memory']:<12}{row['step_ms']:>10.1f}{(row['ratio_to_xl'] or 0):>8.2f}{row['aten_ops']:>10}"
+        line = (f"{row['memory']:<18}{row['step_ms']:>10.1f}{(row['ratio_to_xl'] or 0):>8.2f}{row['aten_ops']:>10}"
                 f"{row['compute_ops']:>9}{row['autograd_nodes']:>7}")
         line += f"{row['kernel_launches']:>10}" if cuda else ""
         if args.compile:

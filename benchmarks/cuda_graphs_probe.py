@@ -117,29 +117,30 @@ def run_memory(memory: str, args: argparse.Namespace, device: torch.device,
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_step_args(p, repeats=10, batch=8, segment=1024, dim=300, heads=6, basis=512)
-    p.add_argument("--memories", nargs="*", default=["xl", "continuous"])
+    p.add_argument("--memories", nargs="*", default=["xl", "continuous"],
+                   help="none, xl, continuous, continuous-triton (read_impl='triton')")
     p.add_argument("--one-layout", action="store_true", help="also the continuous fit as the one layout, in the graph")
     p.add_argument("--out", default="benchmarks/results/cuda_graphs_probe.json")
     args, device = parse_shape_args(p, argv)
     data = segments(args, device, 3)
-    print(f"{'memory':<12}{'variant':<30}{'step ms':>9}{'÷ eager':>9}{'skips':>7}  |Δloss| / error", flush=True)
+    print(f"{'memory':<18}{'variant':<30}{'step ms':>9}{'÷ eager':>9}{'skips':>7}  |Δloss| / error", flush=True)
     result: dict[str, Any] = {"args": vars(args), "torch": torch.__version__, "rows": []}
     for memory in args.memories:  # each memory's rows printed and saved when done: a time limit keeps the finished ones
         for r in run_memory(memory, args, device, data):
             if r["ok"]:
-                print(f"{r['memory']:<12}{r['variant']:<30}{r['step_ms']:>9.1f}{r['ratio_to_eager']:>9.2f}"
+                print(f"{r['memory']:<18}{r['variant']:<30}{r['step_ms']:>9.1f}{r['ratio_to_eager']:>9.2f}"
                       f"{r.get('cudagraph_skips', 0):>7}  {r['max_loss_diff']:.1e}", flush=True)
             else:
-                print(f"{r['memory']:<12}{r['variant']:<30}{'':>25}  {r.get('error', 'no timed step')}", flush=True)
+                print(f"{r['memory']:<18}{r['variant']:<30}{'':>25}  {r.get('error', 'no timed step')}", flush=True)
             result["rows"].append(r)
         xl = {r["variant"]: r for r in result["rows"] if r["memory"] == "xl" and r["ok"]}
         for r in result["rows"]:
-            if r["memory"] == "continuous" and r["ok"] and r["variant"].split(",")[0] in xl:
+            if r["memory"].startswith("continuous") and r["ok"] and r["variant"].split(",")[0] in xl:
                 r["ratio_to_xl"] = r["step_ms"] / xl[r["variant"].split(",")[0]]["step_ms"]
         write_result(result, args.out)
     for r in result["rows"]:
         if "ratio_to_xl" in r:
-            print(f"continuous ÷ xl, {r['variant']}: {r['ratio_to_xl']:.2f}")
+            print(f"{r['memory']} ÷ xl, {r['variant']}: {r['ratio_to_xl']:.2f}")
     return result
 
 

@@ -64,7 +64,7 @@ MEMORY_PLUGINS_TEST_DEVICE=$DEVICE lim 150 $PY -m pytest -q -p no:cacheprovider 
 #    the continuous fit as one operator, graph_ops.py); a failing variant is reported, the rest go on
 lim 300 $PY -m benchmarks.cuda_graphs_probe --device "$DEVICE" $SORT $STEPS --memories xl continuous continuous-triton \
   --out "$RES/cuda_graphs_probe.json" \
-  >"$RES/cuda_graphs_probe.log" 2>&1; grep -E "^(memory|xl|continuous) " "$RES/cuda_graphs_probe.log"
+  >"$RES/cuda_graphs_probe.log" 2>&1; grep -E "^(memory|xl|continuous)|÷ xl" "$RES/cuda_graphs_probe.log"
 grep "skipping cudagraphs" "$RES/cuda_graphs_probe.log" | sort | uniq -c | cut -c1-220; pack
 # 3. a training step at the paper's sorting sizes: none / xl (mem_len = N) / continuous, eager, kernel
 #    launches per step; fp32 then bf16 (the issue: continuous ÷ xl ≤ 1.1, bf16 faster than fp32)
