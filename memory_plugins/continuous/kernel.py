@@ -17,7 +17,7 @@ stored. Matrix products use ``input_precision="ieee"`` (TF32 would cost ~1e-3 re
 
 Where it runs: CUDA tensors with the ``triton`` package, and any device under ``TRITON_INTERPRET=1``
 (Triton's interpreter: how the CPU tests run it). :func:`kernel_available` says whether a read on a
-device takes it; the backend reads through SDPA otherwise. Float64 reads also go through SDPA. The
+device takes it; elsewhere the read goes through SDPA (float64 reads too). The
 kernels are registered as the operators ``memory_plugins::gauss_read`` and its backward, so a
 compiled graph calls them without a break and CUDA graphs capture them.
 """
@@ -34,7 +34,8 @@ from torch import Tensor
 
 from ..graph_ops import graph_op
 
-_HAS_TRITON = importlib.util.find_spec("triton") is not None  # found, not imported
+# found, not imported; the kernels' gradients are registered through torch.library.custom_op (torch ≥ 2.4)
+_HAS_TRITON = importlib.util.find_spec("triton") is not None and hasattr(torch.library, "custom_op")
 _BM, _BN = 64, 64  # query and key tile sizes (tl.dot needs ≥ 16)
 
 
