@@ -10,6 +10,11 @@ reference is the float64 read of tests/test_continuous_read.py, written out from
 from __future__ import annotations
 
 import copy
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -23,6 +28,7 @@ from .test_continuous_read import SIGMA2_MIN, grid, make_case, reference_values,
 
 pytest.importorskip("triton", reason="read_impl='triton' needs the triton package (a dev dependency on Linux x86-64)")
 
+ROOT = Path(__file__).resolve().parents[1]
 KERNEL_TOL = 2e-5  # exact exponents in float32 (measured ≲ 1e-6); the SDPA read's bound is 1e-4
 
 
@@ -140,3 +146,37 @@ def test_sigma2_min_keeps_the_kernel_finite() -> None:
     v = torch.ones(1, 1, 256, 4, device=DEVICE)  # (1, 1, N, d)
     z = expected_values_triton(mu, sigma2, v, centres, w)  # (1, 1, 256, 4)
     assert torch.isfinite(z).all() and z.min() > 1.0
+
+
+_COMPILE = """
+import json
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from memory_plugins.continuous import _triton_read as kernels
+out = {}
+for arch, block_d in [(90, 16), (90, 64), (80, 64)]:
+    for name in ("forward_kernel", "query_grad_kernel", "value_grad_kernel"):
+        fn = getattr(kernels, name)
+        signature = {a: "constexpr" if a in ("BM", "BN", "BD") else "*fp32" if a.endswith("_ptr") else "i32"
+                     for a in fn.arg_names}
+        k = triton.compile(ASTSource(fn=fn, signature=signature, constexprs={"BM": 64, "BN": 64, "BD": block_d}),
+                           target=GPUTarget("cuda", arch, 32))
+        out[f"sm{arch} {name} BD {block_d}"] = [len(k.asm["cubin"]), k.metadata.shared]
+print(json.dumps(out))
+"""
+
+
+def test_the_kernels_compile_for_gpus() -> None:
+    """Triton compiles each kernel to a cubin for Hopper (H100/H200) and Ampere (A100), no GPU needed:
+    what the interpreter cannot check (types, layouts, shared memory). Shared memory stays under the
+    100 KiB that GPUs since Ampere give a block. In a process of its own: triton's own library is
+    interpreted, not compiled, in a process that imported it under ``TRITON_INTERPRET=1``."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    done = subprocess.run([sys.executable, "-c", _COMPILE], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    sizes = json.loads(done.stdout.strip().splitlines()[-1])
+    assert len(sizes) == 9
+    for what, (cubin, shared) in sizes.items():
+        assert cubin > 0 and shared <= 100 * 1024, (what, shared)
