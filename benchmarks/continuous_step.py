@@ -97,6 +97,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--compile", action="store_true", help="also time the step under torch.compile")
     p.add_argument("--compile-mode", default="default", choices=["default", "reduce-overhead", "max-autotune"],
                    help="torch.compile's mode (reduce-overhead: CUDA graphs where inductor can capture)")
+    p.add_argument("--profile", type=int, default=0, metavar="ROWS",
+                   help="also profile one step per memory: its top ROWS operators and, on CUDA, the GPU's busy time")
     p.add_argument("--out", default="benchmarks/results/continuous_step.json")
     args, device = parse_shape_args(p, argv)
     dtype = torch.bfloat16 if args.dtype == "bf16" else None
@@ -122,6 +124,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         row.update(operators(run["model"], run["opt"], data[0], device, dtype))
         if args.compile:
             row.update(compiled(run, data, device, dtype, args.repeats, args.compile_mode))
+        if args.profile:
+            row.update(profiled(run["model"], run["opt"], data[0], device, dtype, args.profile))
         rows.append(row)
     xl = next((r for r in rows if r["memory"] == "xl"), None)
     for row in rows:
@@ -136,9 +140,32 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if args.compile:
             line += f"  {row['compiled_step_ms']:>11.1f}  {row['graph_breaks']:>6}  {row['max_loss_diff']:.1e}"
         print(line)
+    for row in rows:
+        if "profile" in row:
+            busy = f", GPU busy {row['gpu_busy_ms']:.1f} ms of the step" if "gpu_busy_ms" in row else ""
+            print(f"-- {row['memory']}: one profiled step{busy}\n{row['profile']}")
     result = {"args": vars(args), "torch": torch.__version__, "threads": torch.get_num_threads(), "rows": rows}
     write_result(result, args.out)
     return result
+
+
+def profiled(model: torch.nn.Module, opt: torch.optim.Optimizer, tokens: torch.Tensor, device: torch.device,
+             dtype: torch.dtype | None, rows: int) -> dict[str, Any]:
+    """One profiled step: the top ``rows`` operators by self time (the GPU's on CUDA) and, on CUDA, the
+    time the GPU spent in kernels. Next to the step time, that shows whether the step waits for the
+    GPU or for the host that launches its kernels."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        step(model, opt, tokens, dtype)
+        sync(device)
+    out: dict[str, Any] = {"profile": prof.key_averages().table(
+        sort_by="self_cuda_time_total" if cuda else "self_cpu_time_total", row_limit=rows)}
+    if cuda:
+        kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+        out["gpu_busy_ms"] = sum(e.self_device_time_total for e in kernels) / 1e3
+    return out
 
 
 def compiled(run: dict[str, Any], data: list[torch.Tensor], device: torch.device, dtype: torch.dtype | None,

@@ -73,7 +73,7 @@ grep "skipping cudagraphs" "$RES/cuda_graphs_probe.log" | sort | uniq -c | cut -
 # 3. a training step at the paper's sorting sizes: none / xl (mem_len = N) / continuous, eager, kernel
 #    launches per step; fp32 then bf16 (the issue: continuous ÷ xl ≤ 1.1, bf16 faster than fp32)
 for dt in fp32 bf16; do
-  lim 90 $PY -m benchmarks.continuous_step --device "$DEVICE" $SORT $STEPS --dtype $dt \
+  lim 90 $PY -m benchmarks.continuous_step --device "$DEVICE" $SORT $STEPS --dtype $dt --profile 25 \
     --memories none xl continuous continuous-triton --out "$RES/step_$dt.json"
 done 2>&1 | grep -v "^USDT" | tee "$RES/step.log"; pack
 # 4. the read (fused SDPA read vs dense vs attention over N keys), fp32 then bf16 autocast
