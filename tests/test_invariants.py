@@ -2,6 +2,8 @@
 
 A backend added to the registry gets all of these for free; it only has to add small options to
 ``SMALL_OPTIONS`` in conftest.py (sized so that its state is full after two 32-token segments).
+``VARIANTS`` adds other implementations of a memory (the continuous read's Triton kernels, run in
+Triton's interpreter on the CPU), which must keep the same invariants.
 """
 
 from __future__ import annotations
@@ -16,14 +18,22 @@ from memory_plugins.models import ReferenceDecoder
 
 from .conftest import SMALL_OPTIONS
 
-MEMORIES = mp.list_memories()
+# every registered memory, and implementations of one that must keep the same invariants
+VARIANTS = {"continuous-triton": ("continuous", {"read_impl": "triton"})}  # the read's Triton kernels
+MEMORIES = mp.list_memories() + list(VARIANTS)
 SEG = 32
 
 
+def _memory(name: str) -> str:
+    """The registered memory a test name stands for."""
+    return VARIANTS[name][0] if name in VARIANTS else name
+
+
 def _options(name: str) -> dict:
-    if name not in SMALL_OPTIONS:
-        pytest.fail(f"memory {name!r} is registered but has no SMALL_OPTIONS entry in tests/conftest.py")
-    return SMALL_OPTIONS[name]
+    memory, extra = VARIANTS.get(name, (name, {}))
+    if memory not in SMALL_OPTIONS:
+        pytest.fail(f"memory {memory!r} is registered but has no SMALL_OPTIONS entry in tests/conftest.py")
+    return {**SMALL_OPTIONS[memory], **extra}
 
 
 def _base(dim: int = 32, depth: int = 2) -> ReferenceDecoder:
@@ -32,7 +42,7 @@ def _base(dim: int = 32, depth: int = 2) -> ReferenceDecoder:
 
 def _wrapped(name: str, base: torch.nn.Module | None = None) -> mp.MemoryModel:
     """A wrapped model whose memory parameters are random (so that every memory path is active)."""
-    wrapped = mp.wrap(base if base is not None else _base(), name, **_options(name))
+    wrapped = mp.wrap(base if base is not None else _base(), _memory(name), **_options(name))
     with torch.no_grad():
         for p in wrapped.memory.parameters():
             p.add_(0.2 * torch.randn_like(p))
@@ -63,7 +73,7 @@ def test_memory_disabled_is_the_base_model_and_leaves_memory_untouched(name: str
 def test_fresh_memory_gives_the_base_models_logits(name: str) -> None:
     base = _base().eval()
     reference = copy.deepcopy(base)
-    wrapped = mp.wrap(base, name, **_options(name)).eval()  # default init: memory starts empty
+    wrapped = mp.wrap(base, _memory(name), **_options(name)).eval()  # default init: memory starts empty
     probe = torch.randint(0, 37, (3, SEG))
     assert torch.equal(wrapped(probe), reference(probe))
 
@@ -86,7 +96,7 @@ def test_per_sample_reset_leaves_the_other_samples_bit_identical(name: str) -> N
 def test_state_size_is_constant_and_holds_no_graph(name: str) -> None:
     wrapped = _wrapped(name, _base(dim=16, depth=1)).train()
     sizes = []
-    for step in range(1000):
+    for step in range(1000 if name not in VARIANTS else 50):  # a variant changes the read, not the state
         wrapped(torch.randint(0, 37, (2, SEG)))
         sizes.append(wrapped.memory.state_size())
     assert sizes[1] > 0
@@ -176,13 +186,13 @@ def test_state_dict_keeps_base_keys_and_round_trips(name: str) -> None:
     sd = wrapped.state_dict()
     assert [k for k in sd if not k.startswith("memory.")] == base_keys
     assert all(k.startswith("memory.") for k in sd if k not in base_keys)
-    other = mp.wrap(_base(), name, **_options(name)).eval()
+    other = mp.wrap(_base(), _memory(name), **_options(name)).eval()
     result = other.load_state_dict(sd)
     assert not result.missing_keys and not result.unexpected_keys
     probe = _segments(2, 2)
     assert all(torch.equal(wrapped(s), other(s)) for s in probe)
     # The base checkpoint alone loads into the wrapped model, reporting only the memory keys missing.
-    partial = mp.wrap(_base(), name, **_options(name)).load_state_dict(base.state_dict(), strict=False)
+    partial = mp.wrap(_base(), _memory(name), **_options(name)).load_state_dict(base.state_dict(), strict=False)
     assert all(k.startswith("memory.") for k in partial.missing_keys) and not partial.unexpected_keys
 
 
