@@ -180,3 +180,13 @@ def test_the_kernels_compile_for_gpus() -> None:
     assert len(sizes) == 9
     for what, (cubin, shared) in sizes.items():
         assert cubin > 0 and shared <= 100 * 1024, (what, shared)
+
+
+def test_mismatched_shapes_are_refused_before_any_kernel_runs() -> None:
+    centres, w = grid(8, (0.05,))
+    v = torch.zeros(2, 3, 8, 4, device=DEVICE)  # (b, h, N, d)
+    good = torch.full((2, 3, 5), 0.5, device=DEVICE)  # (b, h, n)
+    with pytest.raises(ValueError, match=r"mu \(2, 2, 5\) and sigma2 \(2, 3, 5\) must both be"):
+        expected_values_triton(good[:, :2], good, v, centres, w)
+    with pytest.raises(ValueError, match=r"1 widths × 8 centres ≠ 9 value rows"):
+        expected_values_triton(good, good, torch.zeros(2, 3, 9, 4, device=DEVICE), centres, w)

@@ -132,6 +132,9 @@ def expected_values_triton(mu: Tensor, sigma2: Tensor, v: Tensor, centres: Tenso
     b, h, n_basis, d = v.shape
     if widths.numel() * centres.numel() != n_basis:
         raise ValueError(f"continuous read: {widths.numel()} widths × {centres.numel()} centres ≠ {n_basis} value rows")
+    if mu.shape != sigma2.shape or mu.dim() != 3 or tuple(mu.shape[:2]) != (b, h):  # the kernels index them unchecked
+        raise ValueError(f"continuous read: mu {tuple(mu.shape)} and sigma2 {tuple(sigma2.shape)} must both be "
+                         f"(batch, heads, queries) = ({b}, {h}, n) for values of shape {tuple(v.shape)}")
     with torch.autocast(device_type=mu.device.type, enabled=False):
         z = gauss_read(mu.contiguous(), sigma2.contiguous(), v.to(torch.float32).contiguous(),
                        centres.to(torch.float32).contiguous(), widths.to(torch.float32).contiguous())  # (b, n, h, d)
