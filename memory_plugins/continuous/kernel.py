@@ -109,11 +109,9 @@ def gauss_read_backward(dz: Tensor, mu: Tensor, sigma2: Tensor, v: Tensor, centr
     b, h, n = mu.shape
     n_keys, d = v.shape[-2:]
     d_mu, d_sigma2, d_v = torch.empty_like(mu), torch.empty_like(sigma2), torch.empty_like(v)
-    block_d = _block_d(d)
-    kernels.query_grad_kernel[(b * h, _cdiv(n, _BM))](mu, sigma2, v, centres, widths, dz, d_mu, d_sigma2, n, n_keys,
-                                             centres.numel(), h, d, BM=_BM, BN=_BN, BD=block_d)
-    kernels.value_grad_kernel[(b * h, _cdiv(n_keys, _BN))](mu, sigma2, centres, widths, dz, d_v, n, n_keys,
-                                                  centres.numel(), h, d, BM=_BM, BN=_BN, BD=block_d)
+    sizes = dict(n=n, n_keys=n_keys, num_c=centres.numel(), heads=h, d=d, BM=_BM, BN=_BN, BD=_block_d(d))
+    kernels.query_grad_kernel[(b * h, _cdiv(n, _BM))](mu, sigma2, v, centres, widths, dz, d_mu, d_sigma2, **sizes)
+    kernels.value_grad_kernel[(b * h, _cdiv(n_keys, _BN))](mu, sigma2, centres, widths, dz, d_v, **sizes)
     return d_mu, d_sigma2, d_v
 
 
