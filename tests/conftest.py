@@ -2,13 +2,25 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import os
 from dataclasses import dataclass
 from typing import ClassVar, Iterator
 
+
+def _interpreter_runs_the_kernels() -> bool:
+    """Triton ≥ 3.9 is installed: its interpreter runs the read's kernels (3.6's fails on their loops
+    over a runtime bound with NumPy ≥ 2.4). Read from the package metadata: triton is not imported yet."""
+    try:
+        major, minor = (int(x) for x in importlib.metadata.version("triton").split(".")[:2])
+    except (importlib.metadata.PackageNotFoundError, ValueError):
+        return False
+    return (major, minor) >= (3, 9)
+
+
 # On the CPU the continuous read's Triton kernels (read_impl="triton") run in Triton's interpreter. The
 # variable must be set before triton is imported (memory_plugins' import pulls it in through torch).
-if os.environ.get("MEMORY_PLUGINS_TEST_DEVICE", "cpu") == "cpu":
+if os.environ.get("MEMORY_PLUGINS_TEST_DEVICE", "cpu") == "cpu" and _interpreter_runs_the_kernels():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
@@ -17,11 +29,20 @@ from torch import Tensor, nn  # noqa: E402
 
 import memory_plugins as mp  # noqa: E402
 from memory_plugins import HostAttention, MemoryConfig, MemoryRead  # noqa: E402
+from memory_plugins.continuous.kernel import kernel_available  # noqa: E402
 
 # The suite runs on the CPU (CI). ``MEMORY_PLUGINS_TEST_DEVICE=cuda pytest`` runs it on a GPU: the tests
 # build their models and tensors with torch's default device, which is then that device, with TF32 off so
 # that the float32 tolerances keep their meaning.
 DEVICE = torch.device(os.environ.get("MEMORY_PLUGINS_TEST_DEVICE", "cpu"))
+INTERPRETER_RUNS_THE_KERNELS = _interpreter_runs_the_kernels()
+
+# Tests of the continuous read's Triton kernels: skipped, with this reason, where they cannot run (the
+# same config would read through SDPA there); test_continuous_kernel.py checks they run wherever they can.
+needs_kernel_read = pytest.mark.skipif(
+    not kernel_available(DEVICE, torch.float32),
+    reason="read_impl='triton' runs its kernels on CUDA, or on the CPU in the interpreter of triton >= 3.9",
+)
 
 
 def pytest_configure(config: pytest.Config) -> None:

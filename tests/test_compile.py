@@ -26,7 +26,7 @@ import memory_plugins as mp
 from memory_plugins.continuous.basis import BasisCache
 from memory_plugins.models.reference import ReferenceDecoder
 
-from .conftest import SMALL_OPTIONS, make_generator
+from .conftest import SMALL_OPTIONS, make_generator, needs_kernel_read
 
 MEMORIES = mp.list_memories()
 V, B, N = 48, 2, 8
@@ -231,6 +231,7 @@ def test_linear_spacing_compiles_without_graph_breaks() -> None:
     assert sum(counters["graph_break"].values()) == 0, dict(counters["graph_break"])
 
 
+@needs_kernel_read
 def test_the_triton_read_is_an_operator_of_the_graph() -> None:
     """``read_impl="triton"``: the read's kernels are called by the compiled graphs, forward and backward,
     without a graph break, as operators that CUDA graphs capture (not split out like the fit)."""
