@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from memory_plugins.continuous import ContinuousConfig, ContinuousMemory
-from memory_plugins.continuous.basis import BasisCache
+from memory_plugins.continuous.basis import BasisCache, batched_fit
 from memory_plugins.interface import AttentionDims
 
 from .conftest import DEVICE, make_generator
@@ -164,14 +164,14 @@ def test_kl_reduction_is_validated_and_paper_is_the_default() -> None:
 @pytest.mark.parametrize("pad", [True, False])
 @pytest.mark.parametrize("transition", [True, False])
 def test_batched_fit_equals_each_layouts_cached_fit(pad: bool, transition: bool) -> None:
-    """The compiled update's per-sample solve (``BasisCache.batched_fit``) gives every sample the same
+    """The compiled update's fallback per-sample solve (``basis.batched_fit``) gives every sample the same
     matrices as the eager update's per-layout cache: k right-aligned valid slots of P, with an LTM
     (M past samples in [0, τ]) or as a first fit; float64, so the two agree to rounding."""
     cache = BasisCache(16, WIDE, 0.5, 0.75, pad)
     m, p = 12, 6
     count = torch.tensor([6, 3, 1, 0, 6, 4, 1], device=DEVICE)  # (b,) valid slots per sample
     has = torch.tensor([True, True, True, True, False, False, False], device=DEVICE)  # (b,)
-    g_new, other = cache.batched_fit(count, has, m, p, transition)  # (b, N, P), (b, N, N) | (b, M, N)
+    g_new, other = batched_fit(count, has, m, p, transition, 16, WIDE, 0.5, 0.75, pad)  # (b, N, P), (b, N, N) | (b, M, N)
     assert g_new.dtype == other.dtype == torch.float64
     for i, (k, with_ltm) in enumerate(zip(count.tolist(), has.tolist())):
         if k == 0:

@@ -345,12 +345,6 @@ class BasisCache(nn.Module):
             other[rows] = gk_other  # (N, N) | (M, N)
         return g_rows.transpose(1, 2), other  # (b, N, P), (b, N, N) | (b, M, N)
 
-    def batched_fit(self, count: Tensor, has: Tensor, num_past: int, num_new: int,
-                    transition: bool) -> tuple[Tensor, Tensor]:
-        """:func:`batched_fit` with this cache's basis, ridge, τ and padding."""
-        return batched_fit(count, has, num_past, num_new, transition, self.n_basis, self.widths, self.ridge,
-                           self.tau, self.pad)
-
     def check_stable(self, num_past: int) -> None:
         """Refuse settings whose unbounded update amplifies old content (it would overflow).
 
