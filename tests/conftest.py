@@ -18,9 +18,11 @@ def _interpreter_runs_the_kernels() -> bool:
     return (major, minor) >= (3, 9)
 
 
+INTERPRETER_RUNS_THE_KERNELS = _interpreter_runs_the_kernels()
+
 # On the CPU the continuous read's Triton kernels (read_impl="triton") run in Triton's interpreter. The
 # variable must be set before triton is imported (memory_plugins' import pulls it in through torch).
-if os.environ.get("MEMORY_PLUGINS_TEST_DEVICE", "cpu") == "cpu" and _interpreter_runs_the_kernels():
+if os.environ.get("MEMORY_PLUGINS_TEST_DEVICE", "cpu") == "cpu" and INTERPRETER_RUNS_THE_KERNELS:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
@@ -35,7 +37,6 @@ from memory_plugins.continuous.kernel import kernel_available  # noqa: E402
 # build their models and tensors with torch's default device, which is then that device, with TF32 off so
 # that the float32 tolerances keep their meaning.
 DEVICE = torch.device(os.environ.get("MEMORY_PLUGINS_TEST_DEVICE", "cpu"))
-INTERPRETER_RUNS_THE_KERNELS = _interpreter_runs_the_kernels()
 
 # Tests of the continuous read's Triton kernels: skipped, with this reason, where they cannot run (the
 # same config would read through SDPA there); test_continuous_kernel.py checks they run wherever they can.
