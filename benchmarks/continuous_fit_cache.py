@@ -15,7 +15,9 @@ time per new count (padded − steady), and the cache's size and matrices per co
     python -m benchmarks.continuous_fit_cache --threads 1 --compile aot_eager    # the compiled update
 
 Runs on the library of any commit (``--fit-cache-mib`` needs one with the option): for a before/after,
-``git worktree add /tmp/base <commit>`` and run it there with ``PYTHONPATH=/tmp/base``.
+``git worktree add /tmp/base <commit>`` and run it from inside that checkout
+(``cd /tmp/base && PYTHONPATH=/tmp/base python -m benchmarks.continuous_fit_cache``): ``python -m`` puts
+the current directory first on the path, so run from here it would import this tree's library.
 """
 
 from __future__ import annotations

@@ -68,13 +68,6 @@ def step(model: torch.nn.Module, opt: torch.optim.Optimizer, tokens: torch.Tenso
     return loss.detach()
 
 
-def operators(model: torch.nn.Module, opt: torch.optim.Optimizer, tokens: torch.Tensor, device: torch.device,
-              dtype: torch.dtype | None) -> dict[str, int]:
-    """aten operator calls of one step (:func:`benchmarks.bench_utils.count_operators`): all of them,
-    the compute ops among them, the autograd nodes of its backward, and on CUDA the kernel launches."""
-    return count_operators(lambda: step(model, opt, tokens, dtype), device)
-
-
 def add_step_args(p: argparse.ArgumentParser, repeats: int, **shape: int) -> None:
     """The host's shape (b, n, e, h, N; ``shape`` the defaults), depth, device and timed repeats."""
     add_shape_args(p, basis_help="N for continuous; mem_len for xl", **shape)
@@ -121,7 +114,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     rows = []
     for memory, run in runs.items():
         row: dict[str, Any] = {"memory": memory, "step_ms": 1e3 * statistics.median(run["times"])}
-        row.update(operators(run["model"], run["opt"], data[0], device, dtype))
+        row.update(count_operators(lambda: step(run["model"], run["opt"], data[0], dtype), device))  # one step
         if args.compile:
             row.update(compiled(run, data, device, dtype, args.repeats, args.compile_mode))
         if args.profile:
