@@ -201,7 +201,6 @@ class ContinuousMemory(nn.Module):
             return coef + nothing.to(coef.dtype), has
         cfg, m = self.config, self.config.samples_per_update
         x_new = self.gate_vectors(pending)  # (b, P, e)
-        count = valid.sum(dim=1)  # (b,)
         with torch.autocast(device_type=coef.device.type, enabled=False):
             x_new = x_new.to(coef.dtype)  # (b, P, e)
             dev, dt = coef.device, coef.dtype
@@ -217,14 +216,16 @@ class ContinuousMemory(nn.Module):
                 first = self.cache.regression(0, p, dev, dt).T  # (N, P) a first fit over [0, 1]
                 g_new = torch.where(has[:, None, None], g_new, first)  # (b, N, P)
             else:  # padding or a reset left k_i < P valid: each sample's own layout, G per distinct k
+                count = valid.sum(dim=1)  # (b,) valid vectors pending per sample
                 g_new, other = self.cache.padded_fit(count, has, m, p, dev, dt, not cfg.sticky)  # (b, N, P), (b, ·, N)
             # every path computes B_new as the steady state's one op, so that a sample's result does not
             # depend on which path its batch took (a reset of another sample changes nothing in it)
             past = torch.where(has[:, None, None], self.past_share(state, coef, other),
                                torch.zeros((), device=dev, dtype=dt))  # (b, N, e)
             fitted = torch.baddbmm(past, g_new, x_new)  # (b, N, e)
-            coef = torch.where((count > 0)[:, None, None], fitted, coef)  # (b, N, e)
-        return coef, has | (count > 0)
+            took = valid.any(dim=1)  # (b,) samples with a valid vector pending
+            coef = torch.where(took[:, None, None], fitted, coef)  # (b, N, e)
+        return coef, has | took
 
     def compiled_fit(self, valid: Tensor, has: Tensor, m: int, p: int, dev: torch.device,
                      dt: torch.dtype) -> tuple[Tensor, Tensor]:
