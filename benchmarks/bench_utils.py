@@ -66,12 +66,27 @@ NO_COMPUTE = frozenset(f"aten::{name}" for name in (  # views, metadata and allo
     "empty_like", "new_empty", "new_zeros", "zeros"))
 
 
+KERNEL_OPS = frozenset(("memory_plugins::gauss_read", "memory_plugins::gauss_read_backward"))  # Triton kernels
+
+
+def _inside(event: Any, names: frozenset[str]) -> bool:
+    parent = event.cpu_parent
+    while parent is not None:
+        if parent.name in names:
+            return True
+        parent = parent.cpu_parent
+    return False
+
+
 def count_operators(call: Callable[[], Any], device: torch.device) -> dict[str, int]:
     """aten operator calls of one ``call()``: all of them, and the compute ops among them (leaf ops that
-    are not views, metadata or allocation: what runs a kernel, one launch each on a GPU); the autograd
-    nodes its backward ran (each costs host time, whatever the device); on CUDA also the kernel
-    launches the profiler saw. On a CPU some compute ops are the CPU's own (a Python scalar copied
-    into a tensor, the zero fill before a sum), so counts compare like with like, not CPU with GPU."""
+    are not views, metadata or allocation: what runs a kernel, one launch each on a GPU); the calls of
+    the read's Triton-kernel operators (``kernel_ops``: 1 launch forward, 2 backward; the aten ops
+    inside them are not counted, as they are the interpreter's own where ``TRITON_INTERPRET=1`` runs
+    them on a CPU); the autograd nodes its backward ran (each costs host time, whatever the device);
+    on CUDA also the kernel launches the profiler saw. On a CPU some compute ops are the CPU's own (a
+    Python scalar copied into a tensor, the zero fill before a sum), so counts compare like with like,
+    not CPU with GPU."""
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
@@ -80,10 +95,11 @@ def count_operators(call: Callable[[], Any], device: torch.device) -> dict[str, 
         sync(device)
     events = prof.events()
     aten = [e for e in events if e.name.startswith("aten::")]
-    compute = [e for e in aten if e.name not in NO_COMPUTE
+    compute = [e for e in aten if e.name not in NO_COMPUTE and not _inside(e, KERNEL_OPS)
                and not any(c.name.startswith("aten::") and c.name not in NO_COMPUTE for c in e.cpu_children)]
+    kernel_ops = sum(1 for e in events if e.name in KERNEL_OPS and not _inside(e, KERNEL_OPS))
     nodes = sum(1 for e in events if e.name.startswith("autograd::engine::evaluate_function"))
-    out = {"aten_ops": len(aten), "compute_ops": len(compute), "autograd_nodes": nodes}
+    out = {"aten_ops": len(aten), "compute_ops": len(compute), "kernel_ops": kernel_ops, "autograd_nodes": nodes}
     if device.type == "cuda":
         out["kernel_launches"] = sum(1 for e in events if e.name in ("cudaLaunchKernel", "cuLaunchKernel",
                                                                       "cudaLaunchKernelExC"))

@@ -69,6 +69,36 @@ def test_kernel_read_and_its_gradients_match_float64(shape: tuple) -> None:
 
 
 @needs_kernel_read
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_values_are_read_in_their_own_layout_and_dtype(dtype: torch.dtype) -> None:
+    """V as the value projection leaves it, heads split out of a (b, N, h·d) buffer (strided, no copy), in
+    float32 or bf16 (autocast's dtype, no cast): the read and its gradients match float64 on the same
+    values; z and ∂V come back in V's dtype, ∂V in V's layout."""
+    b, h, n, d, c, widths = 2, 3, 70, 20, 40, (0.01, 0.05)
+    gen = make_generator(1)
+    centres, w = grid(c, widths)  # (C,), (W,)
+    n_basis = c * len(widths)
+    mu = torch.rand(b, h, n, generator=gen, device=DEVICE) * 1.2 - 0.1  # (b, h, n)
+    sigma2 = 10 ** (-5 + 4 * torch.rand(b, h, n, generator=gen, device=DEVICE))  # (b, h, n)
+    flat = torch.randn(b, n_basis, h * d, generator=gen, device=DEVICE).to(dtype)  # (b, N, h·d) as F.linear gives it
+    v = flat.view(b, n_basis, h, d).transpose(1, 2).requires_grad_()  # (b, h, N, d) strided
+    dz = torch.randn(b, h, n, d, generator=gen, device=DEVICE).to(dtype)  # (b, h, n, d)
+    leaves32 = [t.clone().requires_grad_() for t in (mu, sigma2)]
+    z = expected_values_triton(*leaves32, v, centres, w)  # (b, h, n, d)
+    z.backward(dz)
+    leaves64 = [t.detach().double().requires_grad_() for t in (mu, sigma2, v)]
+    ref = reference_values(*leaves64, centres.double().repeat(len(widths)), w.double().repeat_interleave(c))
+    ref.backward(dz.double())
+    # z and ∂V are rounded once to V's dtype: within one bf16 ulp (to nearest on a GPU; the interpreter truncates)
+    stored = KERNEL_TOL if dtype == torch.float32 else 2.0 ** -7
+    assert z.dtype == dtype and v.grad.dtype == dtype and v.grad.stride() == v.stride()
+    assert rel_err(z.double(), ref) < stored
+    assert rel_err(v.grad.double(), leaves64[2].grad) < stored
+    for name, got, want in zip(("mu", "sigma2"), leaves32, leaves64):
+        assert rel_err(got.grad.double(), want.grad) < KERNEL_TOL, name  # summed in float32
+
+
+@needs_kernel_read
 def test_kernel_gaussian_read_matches_the_paper_end_to_end() -> None:
     """The whole read (μ, σ² from the queries, V = W_V B, the kernel) against the float64 reference, with
     μ near both ends and σ² at the clamp: every input's gradient."""
@@ -160,14 +190,15 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from memory_plugins.continuous import _triton_read as kernels
 out = {}
-for arch, block_d in [(90, 16), (90, 64), (80, 64)]:
+VALUES = ("v_ptr", "z_ptr", "dz_ptr", "dv_ptr")  # V's dtype (bf16 under autocast); μ, σ², grid: fp32
+for arch, block_d, values in [(90, 16, "fp32"), (90, 64, "fp32"), (80, 64, "fp32"), (90, 64, "bf16")]:
     for name in ("forward_kernel", "query_grad_kernel", "value_grad_kernel"):
         fn = getattr(kernels, name)
-        signature = {a: "constexpr" if a in ("BM", "BN", "BD") else "*fp32" if a.endswith("_ptr") else "i32"
-                     for a in fn.arg_names}
+        signature = {a: "constexpr" if a in ("BM", "BN", "BD") else f"*{values}" if a in VALUES
+                     else "*fp32" if a.endswith("_ptr") else "i32" for a in fn.arg_names}
         k = triton.compile(ASTSource(fn=fn, signature=signature, constexprs={"BM": 64, "BN": 64, "BD": block_d}),
                            target=GPUTarget("cuda", arch, 32))
-        out[f"sm{arch} {name} BD {block_d}"] = [len(k.asm["cubin"]), k.metadata.shared]
+        out[f"sm{arch} {name} BD {block_d} {values}"] = [len(k.asm["cubin"]), k.metadata.shared]
 print(json.dumps(out))
 """
 
@@ -182,7 +213,7 @@ def test_the_kernels_compile_for_gpus() -> None:
     done = subprocess.run([sys.executable, "-c", _COMPILE], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     sizes = json.loads(done.stdout.strip().splitlines()[-1])
-    assert len(sizes) == 9
+    assert len(sizes) == 12
     for what, (cubin, shared) in sizes.items():
         assert cubin > 0 and shared <= 100 * 1024, (what, shared)
 

@@ -37,6 +37,7 @@ from ..graph_ops import graph_op
 # found, not imported; the kernels' gradients are registered through torch.library.custom_op (torch ≥ 2.4)
 _HAS_TRITON = importlib.util.find_spec("triton") is not None and hasattr(torch.library, "custom_op")
 _BM, _BN = 64, 64  # query and key tile sizes (tl.dot needs ≥ 16)
+_VALUE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # V, z, dz, ∂V as they come; the sums are float32
 
 
 def _interpreting() -> bool:
@@ -84,14 +85,16 @@ def _read_setup(ctx: Any, inputs: tuple[Tensor, ...], output: Tensor) -> None:
 
 @graph_op("gauss_read", fake=_read_fake, backward=_read_backward, setup=_read_setup, capturable=True)
 def gauss_read(mu: Tensor, sigma2: Tensor, v: Tensor, centres: Tensor, widths: Tensor) -> Tensor:
-    """z (b, n, h, d) = Σ_j 𝒩(μ; c_j, σ² + w_j²) V_j. ``mu``, ``sigma2`` (b, h, n), ``v`` (b, h, N, d), all
-    float32 and contiguous; ``centres`` (C,), ``widths`` (W,) float32, N = W·C width-major."""
+    """z (b, n, h, d) = Σ_j 𝒩(μ; c_j, σ² + w_j²) V_j in V's dtype. ``mu``, ``sigma2`` (b, h, n) float32
+    contiguous; ``v`` (b, h, N, d) of a dtype in ``_VALUE_DTYPES``, any strides with a unit one along d
+    (the head split of W_V B is read in place); ``centres`` (C,), ``widths`` (W,) float32 contiguous,
+    N = W·C width-major."""
     kernels = _build()
     b, h, n = mu.shape
     n_keys, d = v.shape[-2:]
     z = v.new_empty(b, n, h, d)  # (b, n, h, d)
     grid = (b * h, _cdiv(n, _BM))
-    kernels.forward_kernel[grid](mu, sigma2, v, centres, widths, z, n, n_keys, centres.numel(), h, d,
+    kernels.forward_kernel[grid](mu, sigma2, v, centres, widths, z, n, n_keys, centres.numel(), h, d, *v.stride()[:3],
                                  BM=_BM, BN=_BN, BD=_block_d(d))
     return z
 
@@ -104,14 +107,20 @@ def _backward_fake(dz: Tensor, mu: Tensor, sigma2: Tensor, v: Tensor, centres: T
 @graph_op("gauss_read_backward", fake=_backward_fake, capturable=True)
 def gauss_read_backward(dz: Tensor, mu: Tensor, sigma2: Tensor, v: Tensor, centres: Tensor, widths: Tensor,
                         ) -> tuple[Tensor, Tensor, Tensor]:
-    """(∂L/∂μ (b, h, n), ∂L/∂σ² (b, h, n), ∂L/∂V (b, h, N, d)) from ``dz`` (b, n, h, d) contiguous."""
+    """(∂L/∂μ (b, h, n), ∂L/∂σ² (b, h, n), ∂L/∂V (b, h, N, d)) from ``dz`` (b, n, h, d) contiguous, in z's
+    dtype; ∂V has V's dtype and layout (so the projection's backward reads it without a copy)."""
     kernels = _build()
     b, h, n = mu.shape
     n_keys, d = v.shape[-2:]
-    d_mu, d_sigma2, d_v = torch.empty_like(mu), torch.empty_like(sigma2), torch.empty_like(v)
+    d_mu, d_sigma2, d_v = torch.empty_like(mu), torch.empty_like(sigma2), torch.empty_like(v)  # d_v: v's strides
+    if d_v.stride(-1) != 1:  # empty_like keeps the layout of dense tensors only
+        d_v = torch.empty(v.shape, dtype=v.dtype, device=v.device)  # (b, h, N, d)
     sizes = dict(n=n, n_keys=n_keys, num_c=centres.numel(), heads=h, d=d, BM=_BM, BN=_BN, BD=_block_d(d))
-    kernels.query_grad_kernel[(b * h, _cdiv(n, _BM))](mu, sigma2, v, centres, widths, dz, d_mu, d_sigma2, **sizes)
-    kernels.value_grad_kernel[(b * h, _cdiv(n_keys, _BN))](mu, sigma2, centres, widths, dz, d_v, **sizes)
+    sv, sdv = v.stride(), d_v.stride()
+    kernels.query_grad_kernel[(b * h, _cdiv(n, _BM))](mu, sigma2, v, centres, widths, dz, d_mu, d_sigma2,
+                                                      svb=sv[0], svh=sv[1], svn=sv[2], **sizes)
+    kernels.value_grad_kernel[(b * h, _cdiv(n_keys, _BN))](mu, sigma2, centres, widths, dz, d_v,
+                                                           sdvb=sdv[0], sdvh=sdv[1], sdvn=sdv[2], **sizes)
     return d_mu, d_sigma2, d_v
 
 
@@ -124,8 +133,9 @@ def expected_values_triton(mu: Tensor, sigma2: Tensor, v: Tensor, centres: Tenso
     """z = Σ_j 𝒩(μ; c_j, σ² + w_j²) V_j through the kernels: (b, h, n, d) in the dtype of ``v``, laid
     out as a (b, n, h, d) buffer (the heads' concatenation W_O reads is a free view).
 
-    ``mu``, ``sigma2`` (b, h, n) float32; ``v`` (b, h, N, d) (cast to float32 for the read, as the SDPA
-    read does); ``centres`` (C,), ``widths`` (W,). ``min_width`` and ``constants`` are unused (the
+    ``mu``, ``sigma2`` (b, h, n) float32; ``v`` (b, h, N, d), read in place in float32, bf16 or fp16
+    (bf16 under autocast: no cast before or after; the kernels sum in float32), other dtypes cast to
+    float32; ``centres`` (C,), ``widths`` (W,). ``min_width`` and ``constants`` are unused (the
     signature matches :func:`.read.expected_values_sdpa`)."""
     b, h, n_basis, d = v.shape
     if widths.numel() * centres.numel() != n_basis:
@@ -134,6 +144,9 @@ def expected_values_triton(mu: Tensor, sigma2: Tensor, v: Tensor, centres: Tenso
         raise ValueError(f"continuous read: mu {tuple(mu.shape)} and sigma2 {tuple(sigma2.shape)} must both be "
                          f"(batch, heads, queries) = ({b}, {h}, n) for values of shape {tuple(v.shape)}")
     with torch.autocast(device_type=mu.device.type, enabled=False):
-        z = gauss_read(mu.contiguous(), sigma2.contiguous(), v.to(torch.float32).contiguous(),
+        values = v if v.dtype in _VALUE_DTYPES else v.to(torch.float32)  # (b, h, N, d)
+        if values.stride(-1) != 1:
+            values = values.contiguous()  # (b, h, N, d) the kernels step along d one element at a time
+        z = gauss_read(mu.contiguous(), sigma2.contiguous(), values,
                        centres.to(torch.float32).contiguous(), widths.to(torch.float32).contiguous())  # (b, n, h, d)
     return z.transpose(1, 2).to(v.dtype)  # (b, h, n, d)
