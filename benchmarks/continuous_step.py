@@ -127,7 +127,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(f"{'memory':<18}{'step ms':>10}{'÷ xl':>8}{'aten ops':>10}{'compute':>9}{'nodes':>7}" + (f"{'launches':>10}" if cuda else "")
           + ("  compiled ms  breaks  |Δloss|" if args.compile else ""))
     for row in rows:
-        line = (f"{row['memory']:<18}{row['step_ms']:>10.1f}{(row['ratio_to_xl'] or 0):>8.2f}{row['aten_ops']:>10}"
+        ratio = "-" if row["ratio_to_xl"] is None else f"{row['ratio_to_xl']:.2f}"  # no xl in --memories: no ratio
+        line = (f"{row['memory']:<18}{row['step_ms']:>10.1f}{ratio:>8}{row['aten_ops']:>10}"
                 f"{row['compute_ops']:>9}{row['autograd_nodes']:>7}")
         line += f"{row['kernel_launches']:>10}" if cuda else ""
         if args.compile:
