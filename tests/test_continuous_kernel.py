@@ -99,6 +99,27 @@ def test_values_are_read_in_their_own_layout_and_dtype(dtype: torch.dtype) -> No
 
 
 @needs_kernel_read
+def test_the_operators_take_any_layout() -> None:
+    """``gauss_read`` and its backward called directly (as a compiled graph may call them) with μ, σ²
+    transposed out of (b, n, h) buffers and V with no unit stride along d: the same numbers as with
+    contiguous inputs, bit for bit."""
+    from memory_plugins.continuous.kernel import gauss_read, gauss_read_backward
+
+    b, h, n, d, c, widths = 2, 3, 70, 20, 40, (0.01, 0.05)
+    gen = make_generator(2)
+    centres, w = grid(c, widths)  # (C,), (W,)
+    mu = (torch.rand(b, n, h, generator=gen, device=DEVICE) * 1.2 - 0.1).transpose(1, 2)  # (b, h, n) strided
+    sigma2 = (10 ** (-5 + 4 * torch.rand(b, n, h, generator=gen, device=DEVICE))).transpose(1, 2)  # (b, h, n)
+    v = torch.randn(b, h, d, c * len(widths), generator=gen, device=DEVICE).transpose(2, 3)  # (b, h, N, d) stride N along d
+    dz = torch.randn(b, h, n, d, generator=gen, device=DEVICE).permute(0, 2, 1, 3)  # (b, n, h, d) strided
+    odd = [gauss_read(mu, sigma2, v, centres, w), *gauss_read_backward(dz, mu, sigma2, v, centres, w)]
+    plain = [t.contiguous() for t in (mu, sigma2, v)]
+    even = [gauss_read(*plain, centres, w), *gauss_read_backward(dz.contiguous(), *plain, centres, w)]
+    for name, got, want in zip(("z", "d_mu", "d_sigma2", "d_v"), odd, even):
+        assert torch.equal(got, want), name
+
+
+@needs_kernel_read
 def test_kernel_gaussian_read_matches_the_paper_end_to_end() -> None:
     """The whole read (μ, σ² from the queries, V = W_V B, the kernel) against the float64 reference, with
     μ near both ends and σ² at the clamp: every input's gradient."""

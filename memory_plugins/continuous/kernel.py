@@ -73,9 +73,21 @@ def _read_fake(mu: Tensor, sigma2: Tensor, v: Tensor, centres: Tensor, widths: T
     return v.new_empty(b, n, h, v.shape[-1])  # (b, n, h, d)
 
 
+def _unit_d(t: Tensor) -> Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()  # the kernels step along the last dim one element at a time
+
+
+def _value_grad_buffer(v: Tensor) -> Tensor:
+    """∂V's buffer (b, h, N, d): V's own layout where it is dense with a unit stride along d (the head
+    split of W_V B, so the projection's backward reads ∂V without a copy), else contiguous. The same
+    rule for real and fake tensors, so a compiled graph sees the strides the kernel writes."""
+    out = torch.empty_like(v)
+    return out if out.stride(-1) == 1 else torch.empty(v.shape, dtype=v.dtype, device=v.device)
+
+
 def _read_backward(ctx: Any, dz: Tensor) -> tuple[Tensor | None, ...]:
     mu, sigma2, v, centres, widths = ctx.saved_tensors
-    d_mu, d_sigma2, d_v = gauss_read_backward(dz.contiguous(), mu, sigma2, v, centres, widths)
+    d_mu, d_sigma2, d_v = gauss_read_backward(dz, mu, sigma2, v, centres, widths)
     return d_mu, d_sigma2, d_v, None, None
 
 
@@ -90,6 +102,7 @@ def gauss_read(mu: Tensor, sigma2: Tensor, v: Tensor, centres: Tensor, widths: T
     (the head split of W_V B is read in place); ``centres`` (C,), ``widths`` (W,) float32 contiguous,
     N = W·C width-major."""
     kernels = _build()
+    mu, sigma2, v = mu.contiguous(), sigma2.contiguous(), _unit_d(v)  # no copies for the backend's tensors
     b, h, n = mu.shape
     n_keys, d = v.shape[-2:]
     z = v.new_empty(b, n, h, d)  # (b, n, h, d)
@@ -101,20 +114,19 @@ def gauss_read(mu: Tensor, sigma2: Tensor, v: Tensor, centres: Tensor, widths: T
 
 def _backward_fake(dz: Tensor, mu: Tensor, sigma2: Tensor, v: Tensor, centres: Tensor, widths: Tensor,
                    ) -> tuple[Tensor, Tensor, Tensor]:
-    return torch.empty_like(mu), torch.empty_like(sigma2), torch.empty_like(v)
+    return mu.new_empty(mu.shape), sigma2.new_empty(sigma2.shape), _value_grad_buffer(v)  # μ, σ²: contiguous
 
 
 @graph_op("gauss_read_backward", fake=_backward_fake, capturable=True)
 def gauss_read_backward(dz: Tensor, mu: Tensor, sigma2: Tensor, v: Tensor, centres: Tensor, widths: Tensor,
                         ) -> tuple[Tensor, Tensor, Tensor]:
-    """(∂L/∂μ (b, h, n), ∂L/∂σ² (b, h, n), ∂L/∂V (b, h, N, d)) from ``dz`` (b, n, h, d) contiguous, in z's
-    dtype; ∂V has V's dtype and layout (so the projection's backward reads it without a copy)."""
+    """(∂L/∂μ (b, h, n), ∂L/∂σ² (b, h, n), ∂L/∂V (b, h, N, d)) from ``dz`` (b, n, h, d) in z's dtype; ∂V
+    has V's dtype and, where V is dense, its layout (:func:`_value_grad_buffer`)."""
     kernels = _build()
+    d_mu, d_sigma2, d_v = _backward_fake(dz, mu, sigma2, v, centres, widths)  # (b, h, n) ×2 contiguous, (b, h, N, d)
+    dz, mu, sigma2, v = dz.contiguous(), mu.contiguous(), sigma2.contiguous(), _unit_d(v)
     b, h, n = mu.shape
     n_keys, d = v.shape[-2:]
-    d_mu, d_sigma2, d_v = torch.empty_like(mu), torch.empty_like(sigma2), torch.empty_like(v)  # d_v: v's strides
-    if d_v.stride(-1) != 1:  # empty_like keeps the layout of dense tensors only
-        d_v = torch.empty(v.shape, dtype=v.dtype, device=v.device)  # (b, h, N, d)
     sizes = dict(n=n, n_keys=n_keys, num_c=centres.numel(), heads=h, d=d, BM=_BM, BN=_BN, BD=_block_d(d))
     sv, sdv = v.stride(), d_v.stride()
     kernels.query_grad_kernel[(b * h, _cdiv(n, _BM))](mu, sigma2, v, centres, widths, dz, d_mu, d_sigma2,
@@ -145,8 +157,6 @@ def expected_values_triton(mu: Tensor, sigma2: Tensor, v: Tensor, centres: Tenso
                          f"(batch, heads, queries) = ({b}, {h}, n) for values of shape {tuple(v.shape)}")
     with torch.autocast(device_type=mu.device.type, enabled=False):
         values = v if v.dtype in _VALUE_DTYPES else v.to(torch.float32)  # (b, h, N, d)
-        if values.stride(-1) != 1:
-            values = values.contiguous()  # (b, h, N, d) the kernels step along d one element at a time
-        z = gauss_read(mu.contiguous(), sigma2.contiguous(), values,
+        z = gauss_read(mu, sigma2, values,
                        centres.to(torch.float32).contiguous(), widths.to(torch.float32).contiguous())  # (b, n, h, d)
     return z.transpose(1, 2).to(v.dtype)  # (b, h, n, d)
