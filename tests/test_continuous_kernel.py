@@ -101,7 +101,8 @@ def test_values_are_read_in_their_own_layout_and_dtype(dtype: torch.dtype) -> No
 @needs_kernel_read
 def test_the_operators_take_any_layout() -> None:
     """``gauss_read`` and its backward called directly (as a compiled graph may call them) with μ, σ²
-    transposed out of (b, n, h) buffers and V with no unit stride along d: the same numbers as with
+    transposed out of (b, n, h) buffers, V with no unit stride along d, the widths as every C-th of the
+    per-key widths (``BasisCache.grid``'s layout) and strided centres: the same numbers as with
     contiguous inputs, bit for bit."""
     from memory_plugins.continuous.kernel import gauss_read, gauss_read_backward
 
@@ -112,7 +113,9 @@ def test_the_operators_take_any_layout() -> None:
     sigma2 = (10 ** (-5 + 4 * torch.rand(b, n, h, generator=gen, device=DEVICE))).transpose(1, 2)  # (b, h, n)
     v = torch.randn(b, h, d, c * len(widths), generator=gen, device=DEVICE).transpose(2, 3)  # (b, h, N, d) stride N along d
     dz = torch.randn(b, h, n, d, generator=gen, device=DEVICE).permute(0, 2, 1, 3)  # (b, n, h, d) strided
-    odd = [gauss_read(mu, sigma2, v, centres, w), *gauss_read_backward(dz, mu, sigma2, v, centres, w)]
+    grid_w = w.repeat_interleave(c)[::c]  # (W,) stride C
+    grid_c = torch.stack([centres, centres], dim=1)[:, 0]  # (C,) stride 2
+    odd = [gauss_read(mu, sigma2, v, grid_c, grid_w), *gauss_read_backward(dz, mu, sigma2, v, grid_c, grid_w)]
     plain = [t.contiguous() for t in (mu, sigma2, v)]
     even = [gauss_read(*plain, centres, w), *gauss_read_backward(dz.contiguous(), *plain, centres, w)]
     for name, got, want in zip(("z", "d_mu", "d_sigma2", "d_v"), odd, even):

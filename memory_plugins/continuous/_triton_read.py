@@ -17,10 +17,11 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0")  # what triton.jit saw when 
 
 
 @triton.jit
-def density(mu, s2, c_ptr, w_ptr, keys, mask_n, num_c):
-    """p (BM, BN) of queries (μ, σ²) (BM,) against ``keys`` (BN,) global key indices, and (μ − c), 1/v."""
+def density(mu, s2, c_ptr, w_ptr, sw, keys, mask_n, num_c):
+    """p (BM, BN) of queries (μ, σ²) (BM,) against ``keys`` (BN,) global key indices, and (μ − c), 1/v.
+    The widths are read with their stride ``sw`` (every C-th of the per-key widths, no copy)."""
     c = tl.load(c_ptr + keys % num_c, mask=mask_n, other=0.0)  # (BN,)
-    w = tl.load(w_ptr + keys // num_c, mask=mask_n, other=1.0)  # (BN,)
+    w = tl.load(w_ptr + (keys // num_c) * sw, mask=mask_n, other=1.0)  # (BN,)
     inv = 1.0 / (s2[:, None] + (w * w)[None, :])  # (BM, BN) 1/v
     diff = mu[:, None] - c[None, :]  # (BM, BN) μ − c
     p = tl.exp(-0.5 * diff * diff * inv) * tl.sqrt(inv) * 0.3989422804014327  # (BM, BN) 1/√(2π) = 0.39894…
@@ -28,7 +29,7 @@ def density(mu, s2, c_ptr, w_ptr, keys, mask_n, num_c):
 
 
 @triton.jit
-def forward_kernel(mu_ptr, s2_ptr, v_ptr, c_ptr, w_ptr, z_ptr, n, n_keys, num_c, heads, d, svb, svh, svn,
+def forward_kernel(mu_ptr, s2_ptr, v_ptr, c_ptr, w_ptr, z_ptr, n, n_keys, num_c, heads, d, sw, svb, svh, svn,
                    BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
     bh, tile = tl.program_id(0), tl.program_id(1)
     rows = tile * BM + tl.arange(0, BM)  # (BM,) query indices
@@ -41,7 +42,7 @@ def forward_kernel(mu_ptr, s2_ptr, v_ptr, c_ptr, w_ptr, z_ptr, n, n_keys, num_c,
     for start in range(0, n_keys, BN):
         keys = start + tl.arange(0, BN)  # (BN,)
         mask_n = keys < n_keys
-        p, _, _ = density(mu, s2, c_ptr, w_ptr, keys, mask_n, num_c)  # (BM, BN)
+        p, _, _ = density(mu, s2, c_ptr, w_ptr, sw, keys, mask_n, num_c)  # (BM, BN)
         v = tl.load(v_ptr + b * svb + h * svh + keys[:, None] * svn + cols[None, :],
                     mask=mask_n[:, None] & mask_d[None, :], other=0.0).to(tl.float32)  # (BN, BD)
         acc += tl.dot(p, v, input_precision="ieee")  # (BM, BD)
@@ -51,7 +52,7 @@ def forward_kernel(mu_ptr, s2_ptr, v_ptr, c_ptr, w_ptr, z_ptr, n, n_keys, num_c,
 
 @triton.jit
 def query_grad_kernel(mu_ptr, s2_ptr, v_ptr, c_ptr, w_ptr, dz_ptr, dmu_ptr, ds2_ptr, n, n_keys, num_c, heads, d,
-                      svb, svh, svn, BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
+                      sw, svb, svh, svn, BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
     bh, tile = tl.program_id(0), tl.program_id(1)
     rows = tile * BM + tl.arange(0, BM)  # (BM,)
     cols = tl.arange(0, BD)  # (BD,)
@@ -66,7 +67,7 @@ def query_grad_kernel(mu_ptr, s2_ptr, v_ptr, c_ptr, w_ptr, dz_ptr, dmu_ptr, ds2_
     for start in range(0, n_keys, BN):
         keys = start + tl.arange(0, BN)  # (BN,)
         mask_n = keys < n_keys
-        p, diff, inv = density(mu, s2, c_ptr, w_ptr, keys, mask_n, num_c)  # (BM, BN) ×3
+        p, diff, inv = density(mu, s2, c_ptr, w_ptr, sw, keys, mask_n, num_c)  # (BM, BN) ×3
         v = tl.load(v_ptr + b * svb + h * svh + keys[:, None] * svn + cols[None, :],
                     mask=mask_n[:, None] & mask_d[None, :], other=0.0).to(tl.float32)  # (BN, BD)
         g = tl.dot(dz, tl.trans(v), input_precision="ieee") * p  # (BM, BN) s·p
@@ -78,7 +79,7 @@ def query_grad_kernel(mu_ptr, s2_ptr, v_ptr, c_ptr, w_ptr, dz_ptr, dmu_ptr, ds2_
 
 @triton.jit
 def value_grad_kernel(mu_ptr, s2_ptr, c_ptr, w_ptr, dz_ptr, dv_ptr, n, n_keys, num_c, heads, d,
-                      sdvb, sdvh, sdvn, BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
+                      sw, sdvb, sdvh, sdvn, BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
     bh, tile = tl.program_id(0), tl.program_id(1)
     keys = tile * BN + tl.arange(0, BN)  # (BN,)
     cols = tl.arange(0, BD)  # (BD,)
@@ -90,7 +91,7 @@ def value_grad_kernel(mu_ptr, s2_ptr, c_ptr, w_ptr, dz_ptr, dv_ptr, n, n_keys, n
         mask_m = rows < n
         mu = tl.load(mu_ptr + bh * n + rows, mask=mask_m, other=0.5)  # (BM,)
         s2 = tl.load(s2_ptr + bh * n + rows, mask=mask_m, other=1.0)  # (BM,)
-        p, _, _ = density(mu, s2, c_ptr, w_ptr, keys, mask_n, num_c)  # (BM, BN)
+        p, _, _ = density(mu, s2, c_ptr, w_ptr, sw, keys, mask_n, num_c)  # (BM, BN)
         p = tl.where(mask_m[:, None], p, 0.0)  # (BM, BN)
         dz = tl.load(dz_ptr + b * n * heads * d + rows[:, None] * heads * d + h * d + cols[None, :],
                      mask=mask_m[:, None] & mask_d[None, :], other=0.0).to(tl.float32)  # (BM, BD)

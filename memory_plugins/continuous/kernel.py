@@ -97,18 +97,18 @@ def _read_setup(ctx: Any, inputs: tuple[Tensor, ...], output: Tensor) -> None:
 
 @graph_op("gauss_read", fake=_read_fake, backward=_read_backward, setup=_read_setup, capturable=True)
 def gauss_read(mu: Tensor, sigma2: Tensor, v: Tensor, centres: Tensor, widths: Tensor) -> Tensor:
-    """z (b, n, h, d) = Σ_j 𝒩(μ; c_j, σ² + w_j²) V_j in V's dtype. ``mu``, ``sigma2`` (b, h, n) float32
-    contiguous; ``v`` (b, h, N, d) of a dtype in ``_VALUE_DTYPES``, any strides with a unit one along d
-    (the head split of W_V B is read in place); ``centres`` (C,), ``widths`` (W,) float32 contiguous,
-    N = W·C width-major."""
+    """z (b, n, h, d) = Σ_j 𝒩(μ; c_j, σ² + w_j²) V_j in V's dtype. ``mu``, ``sigma2`` (b, h, n) float32;
+    ``v`` (b, h, N, d) of a dtype in ``_VALUE_DTYPES``; ``centres`` (C,), ``widths`` (W,) float32, N = W·C
+    width-major. Any layout: V (the head split of W_V B) and the widths (every C-th per-key width) are
+    read through their strides; μ, σ², the centres are made contiguous (the backend's already are)."""
     kernels = _build()
-    mu, sigma2, v = mu.contiguous(), sigma2.contiguous(), _unit_d(v)  # no copies for the backend's tensors
+    mu, sigma2, v, centres = mu.contiguous(), sigma2.contiguous(), _unit_d(v), centres.contiguous()
     b, h, n = mu.shape
     n_keys, d = v.shape[-2:]
     z = v.new_empty(b, n, h, d)  # (b, n, h, d)
     grid = (b * h, _cdiv(n, _BM))
-    kernels.forward_kernel[grid](mu, sigma2, v, centres, widths, z, n, n_keys, centres.numel(), h, d, *v.stride()[:3],
-                                 BM=_BM, BN=_BN, BD=_block_d(d))
+    kernels.forward_kernel[grid](mu, sigma2, v, centres, widths, z, n, n_keys, centres.numel(), h, d, widths.stride(0),
+                                 *v.stride()[:3], BM=_BM, BN=_BN, BD=_block_d(d))
     return z
 
 
@@ -124,10 +124,11 @@ def gauss_read_backward(dz: Tensor, mu: Tensor, sigma2: Tensor, v: Tensor, centr
     has V's dtype and, where V is dense, its layout (:func:`_value_grad_buffer`)."""
     kernels = _build()
     d_mu, d_sigma2, d_v = _backward_fake(dz, mu, sigma2, v, centres, widths)  # (b, h, n) ×2 contiguous, (b, h, N, d)
-    dz, mu, sigma2, v = dz.contiguous(), mu.contiguous(), sigma2.contiguous(), _unit_d(v)
+    dz, mu, sigma2, v, centres = dz.contiguous(), mu.contiguous(), sigma2.contiguous(), _unit_d(v), centres.contiguous()
     b, h, n = mu.shape
     n_keys, d = v.shape[-2:]
-    sizes = dict(n=n, n_keys=n_keys, num_c=centres.numel(), heads=h, d=d, BM=_BM, BN=_BN, BD=_block_d(d))
+    sizes = dict(n=n, n_keys=n_keys, num_c=centres.numel(), heads=h, d=d, sw=widths.stride(0), BM=_BM, BN=_BN,
+                 BD=_block_d(d))
     sv, sdv = v.stride(), d_v.stride()
     kernels.query_grad_kernel[(b * h, _cdiv(n, _BM))](mu, sigma2, v, centres, widths, dz, d_mu, d_sigma2,
                                                       svb=sv[0], svh=sv[1], svn=sv[2], **sizes)
@@ -157,6 +158,5 @@ def expected_values_triton(mu: Tensor, sigma2: Tensor, v: Tensor, centres: Tenso
                          f"(batch, heads, queries) = ({b}, {h}, n) for values of shape {tuple(v.shape)}")
     with torch.autocast(device_type=mu.device.type, enabled=False):
         values = v if v.dtype in _VALUE_DTYPES else v.to(torch.float32)  # (b, h, N, d)
-        z = gauss_read(mu, sigma2, values,
-                       centres.to(torch.float32).contiguous(), widths.to(torch.float32).contiguous())  # (b, n, h, d)
+        z = gauss_read(mu, sigma2, values, centres.to(torch.float32), widths.to(torch.float32))  # (b, n, h, d)
     return z.transpose(1, 2).to(v.dtype)  # (b, h, n, d)
