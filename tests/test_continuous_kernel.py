@@ -20,7 +20,7 @@ import pytest
 import torch
 
 import memory_plugins as mp
-from memory_plugins.continuous.kernel import expected_values_triton, kernel_available
+from memory_plugins.continuous.kernel import MAX_HEAD_DIM, expected_values_triton, kernel_available
 from memory_plugins.models import ReferenceDecoder
 
 from .conftest import DEVICE, INTERPRETER_RUNS_THE_KERNELS, make_generator, needs_kernel_read
@@ -37,11 +37,14 @@ def test_the_kernel_runs_wherever_it_can() -> None:
     the kernel tests are skipped with their reason (``needs_kernel_read``)."""
     assert kernel_available(DEVICE, torch.float32) == (DEVICE.type == "cuda" or INTERPRETER_RUNS_THE_KERNELS)
     assert not kernel_available(DEVICE, torch.float64)  # float64 reads go through SDPA
+    assert not kernel_available(DEVICE, torch.float32, head_dim=MAX_HEAD_DIM + 1)  # so do heads wider than 512
 
 
-# b, h, n, d, C, widths: tiles of 64 queries and 64 keys, so ragged last tiles; d below, at and above 16
+# b, h, n, d, C, widths: ragged last tiles (64 × 64 queries × keys up to d = 128, 32 × 32 up to 256, then 16 × 16);
+# d below, at and above 16, and each head-dim tile's own tile sizes
 SHAPES = [(2, 3, 70, 20, 40, (0.01, 0.05)), (1, 2, 64, 16, 32, (0.01,)), (2, 1, 9, 50, 24, (0.005, 0.01, 0.05)),
-          (1, 1, 130, 4, 70, (0.05,))]
+          (1, 1, 130, 4, 70, (0.05,)), (1, 2, 70, 100, 36, (0.05,)), (1, 1, 40, 130, 24, (0.01, 0.05)),
+          (1, 1, 20, 300, 20, (0.05,))]
 
 
 @needs_kernel_read
@@ -214,14 +217,17 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from memory_plugins.continuous import _triton_read as kernels
 out = {}
+from memory_plugins.continuous.kernel import tiles
 VALUES = ("v_ptr", "z_ptr", "dz_ptr", "dv_ptr")  # V's dtype (bf16 under autocast); μ, σ², grid: fp32
-for arch, block_d, values in [(90, 16, "fp32"), (90, 64, "fp32"), (80, 64, "fp32"), (90, 64, "bf16")]:
+for arch, block_d, values in [(90, 16, "fp32"), (90, 64, "fp32"), (90, 64, "bf16"), (90, 128, "fp32"),
+                              (80, 256, "fp32"), (90, 512, "fp32")]:  # sm_90: H100/H200; sm_80: A100
+    bm, bn, stages = tiles(block_d)
     for name in ("forward_kernel", "query_grad_kernel", "value_grad_kernel"):
         fn = getattr(kernels, name)
         signature = {a: "constexpr" if a in ("BM", "BN", "BD") else f"*{values}" if a in VALUES
                      else "*fp32" if a.endswith("_ptr") else "i32" for a in fn.arg_names}
-        k = triton.compile(ASTSource(fn=fn, signature=signature, constexprs={"BM": 64, "BN": 64, "BD": block_d}),
-                           target=GPUTarget("cuda", arch, 32))
+        k = triton.compile(ASTSource(fn=fn, signature=signature, constexprs={"BM": bm, "BN": bn, "BD": block_d}),
+                           target=GPUTarget("cuda", arch, 32), options={"num_stages": stages})
         out[f"sm{arch} {name} BD {block_d} {values}"] = [len(k.asm["cubin"]), k.metadata.shared]
 print(json.dumps(out))
 """
@@ -229,17 +235,31 @@ print(json.dumps(out))
 
 def test_the_kernels_compile_for_gpus() -> None:
     """Triton compiles each kernel to a cubin for Hopper (H100/H200) and Ampere (A100), no GPU needed:
-    what the interpreter cannot check (types, layouts, shared memory). Shared memory stays under the
-    100 KiB that GPUs since Ampere give a block. In a process of its own: triton's own library is
-    interpreted, not compiled, in a process that imported it under ``TRITON_INTERPRET=1``."""
+    what the interpreter cannot check (types, layouts, shared memory), at every head-dim tile's own
+    tile sizes (``tiles``) up to d = 512. Shared memory stays within 64 KiB a block, which every GPU
+    since Turing has. In a process of its own: triton's own library is interpreted, not compiled, in
+    a process that imported it under ``TRITON_INTERPRET=1``."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
     done = subprocess.run([sys.executable, "-c", _COMPILE], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     sizes = json.loads(done.stdout.strip().splitlines()[-1])
-    assert len(sizes) == 12
+    assert len(sizes) == 18
     for what, (cubin, shared) in sizes.items():
-        assert cubin > 0 and shared <= 100 * 1024, (what, shared)
+        assert cubin > 0 and shared <= 64 * 1024, (what, shared)
+
+
+def test_heads_wider_than_the_kernels_take_read_through_sdpa() -> None:
+    """d > MAX_HEAD_DIM: ``read_impl="triton"`` reads through SDPA, bit for bit; a direct kernel call is
+    refused with the limit in the message."""
+    case = make_case(0, 1, 1, 6, MAX_HEAD_DIM + 4, 32, (0.05,))
+    (out_k, grads_k), (out_s, grads_s) = run(case, "triton"), run(case, "sdpa")
+    assert all(torch.equal(a, b) for a, b in zip(out_k, out_s))
+    assert all(torch.equal(grads_k[k], grads_s[k]) for k in grads_s)
+    centres, w = grid(8, (0.05,))
+    mu = torch.full((1, 1, 3), 0.5, device=DEVICE)  # (b, h, n)
+    with pytest.raises(ValueError, match=rf"head dims up to {MAX_HEAD_DIM}, got {MAX_HEAD_DIM + 1}"):
+        expected_values_triton(mu, mu, torch.zeros(1, 1, 8, MAX_HEAD_DIM + 1, device=DEVICE), centres, w)
 
 
 def test_mismatched_shapes_are_refused_before_any_kernel_runs() -> None:

@@ -36,7 +36,7 @@ from ..graph_ops import graph_op
 
 # found, not imported; the kernels' gradients are registered through torch.library.custom_op (torch ≥ 2.4)
 _HAS_TRITON = importlib.util.find_spec("triton") is not None and hasattr(torch.library, "custom_op")
-_BM, _BN = 64, 64  # query and key tile sizes (tl.dot needs ≥ 16)
+MAX_HEAD_DIM = 512  # larger head dims read through SDPA (the kernels' tiles would outgrow shared memory)
 _VALUE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # V, z, dz, ∂V as they come; the sums are float32
 
 
@@ -44,10 +44,12 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def kernel_available(device: torch.device, dtype: torch.dtype) -> bool:
+def kernel_available(device: torch.device, dtype: torch.dtype, head_dim: int = 64) -> bool:
     """Whether a read of ``dtype`` on ``device`` runs the kernel: float32 (the read's compute dtype for
-    every float32/bf16/fp16 model) on CUDA, or anywhere under the interpreter; triton installed."""
-    return _HAS_TRITON and dtype == torch.float32 and (device.type == "cuda" or _interpreting())
+    every float32/bf16/fp16 model) on CUDA, or anywhere under the interpreter; triton installed; head
+    dims up to ``MAX_HEAD_DIM``."""
+    return (_HAS_TRITON and dtype == torch.float32 and head_dim <= MAX_HEAD_DIM
+            and (device.type == "cuda" or _interpreting()))
 
 
 def _build() -> Any:
@@ -66,6 +68,19 @@ def _build() -> Any:
 
 def _block_d(d: int) -> int:
     return max(16, 1 << (d - 1).bit_length())  # the next power of two ≥ d, at least 16 (tl.dot)
+
+
+def tiles(block_d: int) -> tuple[int, int, int]:
+    """(BM, BN, pipeline stages) for a head-dim tile BD: each kernel then needs at most 64 KiB of shared
+    memory per block (checked by compiling them, tests/test_continuous_kernel.py), which every GPU
+    since Turing (64 KiB) has. Wide heads get smaller query × key tiles and shallower pipelines."""
+    if block_d <= 64:
+        return 64, 64, 3
+    if block_d <= 128:
+        return 64, 64, 2
+    if block_d <= 256:
+        return 32, 32, 2
+    return 16, 16, 1
 
 
 def _read_fake(mu: Tensor, sigma2: Tensor, v: Tensor, centres: Tensor, widths: Tensor) -> Tensor:
@@ -106,9 +121,11 @@ def gauss_read(mu: Tensor, sigma2: Tensor, v: Tensor, centres: Tensor, widths: T
     b, h, n = mu.shape
     n_keys, d = v.shape[-2:]
     z = v.new_empty(b, n, h, d)  # (b, n, h, d)
-    grid = (b * h, _cdiv(n, _BM))
-    kernels.forward_kernel[grid](mu, sigma2, v, centres, widths, z, n, n_keys, centres.numel(), h, d, widths.stride(0),
-                                 *v.stride()[:3], BM=_BM, BN=_BN, BD=_block_d(d))
+    block_d = _block_d(d)
+    bm, bn, stages = tiles(block_d)
+    kernels.forward_kernel[(b * h, _cdiv(n, bm))](mu, sigma2, v, centres, widths, z, n, n_keys, centres.numel(), h, d,
+                                                  widths.stride(0), *v.stride()[:3], BM=bm, BN=bn, BD=block_d,
+                                                  num_stages=stages)
     return z
 
 
@@ -127,13 +144,15 @@ def gauss_read_backward(dz: Tensor, mu: Tensor, sigma2: Tensor, v: Tensor, centr
     dz, mu, sigma2, v, centres = dz.contiguous(), mu.contiguous(), sigma2.contiguous(), _unit_d(v), centres.contiguous()
     b, h, n = mu.shape
     n_keys, d = v.shape[-2:]
-    sizes = dict(n=n, n_keys=n_keys, num_c=centres.numel(), heads=h, d=d, sw=widths.stride(0), BM=_BM, BN=_BN,
-                 BD=_block_d(d))
+    block_d = _block_d(d)
+    bm, bn, stages = tiles(block_d)
+    sizes = dict(n=n, n_keys=n_keys, num_c=centres.numel(), heads=h, d=d, sw=widths.stride(0), BM=bm, BN=bn,
+                 BD=block_d, num_stages=stages)
     sv, sdv = v.stride(), d_v.stride()
-    kernels.query_grad_kernel[(b * h, _cdiv(n, _BM))](mu, sigma2, v, centres, widths, dz, d_mu, d_sigma2,
-                                                      svb=sv[0], svh=sv[1], svn=sv[2], **sizes)
-    kernels.value_grad_kernel[(b * h, _cdiv(n_keys, _BN))](mu, sigma2, centres, widths, dz, d_v,
-                                                           sdvb=sdv[0], sdvh=sdv[1], sdvn=sdv[2], **sizes)
+    kernels.query_grad_kernel[(b * h, _cdiv(n, bm))](mu, sigma2, v, centres, widths, dz, d_mu, d_sigma2,
+                                                     svb=sv[0], svh=sv[1], svn=sv[2], **sizes)
+    kernels.value_grad_kernel[(b * h, _cdiv(n_keys, bn))](mu, sigma2, centres, widths, dz, d_v,
+                                                          sdvb=sdv[0], sdvh=sdv[1], sdvn=sdv[2], **sizes)
     return d_mu, d_sigma2, d_v
 
 
@@ -151,6 +170,9 @@ def expected_values_triton(mu: Tensor, sigma2: Tensor, v: Tensor, centres: Tenso
     float32; ``centres`` (C,), ``widths`` (W,). ``min_width`` and ``constants`` are unused (the
     signature matches :func:`.read.expected_values_sdpa`)."""
     b, h, n_basis, d = v.shape
+    if d > MAX_HEAD_DIM:
+        raise ValueError(f"continuous read: the Triton kernels take head dims up to {MAX_HEAD_DIM}, got {d} "
+                         "(read_impl='triton' reads wider heads through SDPA)")
     if widths.numel() * centres.numel() != n_basis:
         raise ValueError(f"continuous read: {widths.numel()} widths × {centres.numel()} centres ≠ {n_basis} value rows")
     if mu.shape != sigma2.shape or mu.dim() != 3 or tuple(mu.shape[:2]) != (b, h):  # the kernels index them unchecked
