@@ -38,6 +38,7 @@ def test_the_kernel_runs_wherever_it_can() -> None:
     assert kernel_available(DEVICE, torch.float32) == (DEVICE.type == "cuda" or INTERPRETER_RUNS_THE_KERNELS)
     assert not kernel_available(DEVICE, torch.float64)  # float64 reads go through SDPA
     assert not kernel_available(DEVICE, torch.float32, head_dim=MAX_HEAD_DIM + 1)  # so do heads wider than 512
+    assert not kernel_available(DEVICE, torch.float32, elements=2**31)  # and tensors past 32-bit offsets
 
 
 # b, h, n, d, C, widths: ragged last tiles (64 × 64 queries × keys up to d = 128, 32 × 32 up to 256, then 16 × 16);
@@ -251,7 +252,7 @@ def test_the_kernels_compile_for_gpus() -> None:
 
 def test_heads_wider_than_the_kernels_take_read_through_sdpa() -> None:
     """d > MAX_HEAD_DIM: ``read_impl="triton"`` reads through SDPA, bit for bit; a direct kernel call is
-    refused with the limit in the message."""
+    refused with the limit in the message, as is one with more elements than 32-bit offsets reach."""
     case = make_case(0, 1, 1, 6, MAX_HEAD_DIM + 4, 32, (0.05,))
     (out_k, grads_k), (out_s, grads_s) = run(case, "triton"), run(case, "sdpa")
     assert all(torch.equal(a, b) for a, b in zip(out_k, out_s))
@@ -260,6 +261,9 @@ def test_heads_wider_than_the_kernels_take_read_through_sdpa() -> None:
     mu = torch.full((1, 1, 3), 0.5, device=DEVICE)  # (b, h, n)
     with pytest.raises(ValueError, match=rf"head dims up to {MAX_HEAD_DIM}, got {MAX_HEAD_DIM + 1}"):
         expected_values_triton(mu, mu, torch.zeros(1, 1, 8, MAX_HEAD_DIM + 1, device=DEVICE), centres, w)
+    huge = torch.zeros(1, 1, 8, 1, device=DEVICE).expand(2**16, 2**8, 8, 2**7)  # (b, h, N, d) 2³⁴ elements, no memory
+    with pytest.raises(ValueError, match=r"fewer than 2\*\*31 elements"):
+        expected_values_triton(mu.expand(2**16, 2**8, 3), mu.expand(2**16, 2**8, 3), huge, centres, w)
 
 
 def test_mismatched_shapes_are_refused_before_any_kernel_runs() -> None:

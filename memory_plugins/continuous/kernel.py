@@ -44,11 +44,12 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def kernel_available(device: torch.device, dtype: torch.dtype, head_dim: int = 64) -> bool:
+def kernel_available(device: torch.device, dtype: torch.dtype, head_dim: int = 64, elements: int = 0) -> bool:
     """Whether a read of ``dtype`` on ``device`` runs the kernel: float32 (the read's compute dtype for
     every float32/bf16/fp16 model) on CUDA, or anywhere under the interpreter; triton installed; head
-    dims up to ``MAX_HEAD_DIM``."""
-    return (_HAS_TRITON and dtype == torch.float32 and head_dim <= MAX_HEAD_DIM
+    dims up to ``MAX_HEAD_DIM``; tensors (``elements``: the largest of queries, values and output) the
+    kernels' 32-bit offsets can index."""
+    return (_HAS_TRITON and dtype == torch.float32 and head_dim <= MAX_HEAD_DIM and elements < 2**31
             and (device.type == "cuda" or _interpreting()))
 
 
@@ -173,6 +174,10 @@ def expected_values_triton(mu: Tensor, sigma2: Tensor, v: Tensor, centres: Tenso
     if d > MAX_HEAD_DIM:
         raise ValueError(f"continuous read: the Triton kernels take head dims up to {MAX_HEAD_DIM}, got {d} "
                          "(read_impl='triton' reads wider heads through SDPA)")
+    if max(v.numel(), b * h * mu.shape[-1] * d) >= 2**31:
+        raise ValueError(f"continuous read: the Triton kernels index tensors of fewer than 2**31 elements, got "
+                         f"values {tuple(v.shape)} and {mu.shape[-1]} queries (read_impl='triton' reads such "
+                         "sizes through SDPA)")
     if widths.numel() * centres.numel() != n_basis:
         raise ValueError(f"continuous read: {widths.numel()} widths × {centres.numel()} centres ≠ {n_basis} value rows")
     if mu.shape != sigma2.shape or mu.dim() != 3 or tuple(mu.shape[:2]) != (b, h):  # the kernels index them unchecked

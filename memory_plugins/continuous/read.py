@@ -320,7 +320,7 @@ def gaussian_read(q: Tensor, coef: Tensor, w_k: Tensor, w_v: Tensor, w_mu: Tenso
         raise ValueError(f"continuous read: impl must be one of {IMPLS}, got {impl!r}")
     mu, sigma2 = gaussian_params(q, coef, w_k, w_mu, w_sigma, sigma2_min)  # (b, h, n), (b, h, n)
     v = value_heads(coef, w_v, q.shape[1])  # (b, h, N, d)
-    if impl == "triton" and not kernel_available(mu.device, mu.dtype, q.shape[-1]):
-        impl = "sdpa"  # the kernel is CUDA's (float32's, heads ≤ 512 wide): elsewhere the same read through SDPA
+    if impl == "triton" and not kernel_available(mu.device, mu.dtype, q.shape[-1], max(q.numel(), v.numel())):
+        impl = "sdpa"  # the kernel is CUDA's (float32's, heads ≤ 512 wide, < 2³¹ elements): elsewhere SDPA
     read = {"sdpa": expected_values_sdpa, "dense": expected_values_dense, "triton": expected_values_triton}[impl]
     return read(mu, sigma2, v, centres, widths, min_width, constants), mu, sigma2  # (b, h, n, d), (b, h, n), (b, h, n)
