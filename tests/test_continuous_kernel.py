@@ -250,6 +250,19 @@ def test_the_kernels_compile_for_gpus() -> None:
         assert cubin > 0 and shared <= 64 * 1024, (what, shared)
 
 
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices (Triton launches on the current one)")
+def test_a_read_on_another_gpu_than_the_current_one_launches_there() -> None:
+    """Tensors on cuda:1 while cuda:0 is current: the kernels run on cuda:1 and match float64."""
+    case = make_case(0, 2, 3, 40, 8, 32, (0.01, 0.05))
+    case = {**case, "x": {k: t.to("cuda:1") for k, t in case["x"].items()},
+            "centres": case["centres"].to("cuda:1"), "widths": case["widths"].to("cuda:1")}
+    with torch.cuda.device(0):
+        (z, _, _), g = run(case, "triton")
+        (z_ref, _, _), g_ref = run_reference(case)
+    assert z.device == torch.device("cuda:1") and rel_err(z, z_ref) < KERNEL_TOL
+    assert all(rel_err(g[k], g_ref[k]) < 1e-4 for k in g_ref)
+
+
 def test_heads_wider_than_the_kernels_take_read_through_sdpa() -> None:
     """d > MAX_HEAD_DIM: ``read_impl="triton"`` reads through SDPA, bit for bit; a direct kernel call is
     refused with the limit in the message, as is one with more elements than 32-bit offsets reach."""

@@ -24,10 +24,11 @@ compiled graph calls them without a break and CUDA graphs capture them.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
 import os
-from typing import Any
+from typing import Any, ContextManager
 
 import torch
 from torch import Tensor
@@ -89,6 +90,12 @@ def _read_fake(mu: Tensor, sigma2: Tensor, v: Tensor, centres: Tensor, widths: T
     return v.new_empty(b, n, h, v.shape[-1])  # (b, n, h, d)
 
 
+def _on(device: torch.device) -> ContextManager[Any]:
+    """Launch on ``device``: Triton launches on the current CUDA device, whatever the tensors' (a model on
+    cuda:1 would otherwise hand cuda:0 a kernel with cuda:1 pointers)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
 def _unit_d(t: Tensor) -> Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()  # the kernels step along the last dim one element at a time
 
@@ -124,9 +131,10 @@ def gauss_read(mu: Tensor, sigma2: Tensor, v: Tensor, centres: Tensor, widths: T
     z = v.new_empty(b, n, h, d)  # (b, n, h, d)
     block_d = _block_d(d)
     bm, bn, stages = tiles(block_d)
-    kernels.forward_kernel[(b * h, _cdiv(n, bm))](mu, sigma2, v, centres, widths, z, n, n_keys, centres.numel(), h, d,
-                                                  widths.stride(0), *v.stride()[:3], BM=bm, BN=bn, BD=block_d,
-                                                  num_stages=stages)
+    with _on(v.device):
+        kernels.forward_kernel[(b * h, _cdiv(n, bm))](mu, sigma2, v, centres, widths, z, n, n_keys, centres.numel(), h,
+                                                      d, widths.stride(0), *v.stride()[:3], BM=bm, BN=bn, BD=block_d,
+                                                      num_stages=stages)
     return z
 
 
@@ -150,10 +158,11 @@ def gauss_read_backward(dz: Tensor, mu: Tensor, sigma2: Tensor, v: Tensor, centr
     sizes = dict(n=n, n_keys=n_keys, num_c=centres.numel(), heads=h, d=d, sw=widths.stride(0), BM=bm, BN=bn,
                  BD=block_d, num_stages=stages)
     sv, sdv = v.stride(), d_v.stride()
-    kernels.query_grad_kernel[(b * h, _cdiv(n, bm))](mu, sigma2, v, centres, widths, dz, d_mu, d_sigma2,
-                                                     svb=sv[0], svh=sv[1], svn=sv[2], **sizes)
-    kernels.value_grad_kernel[(b * h, _cdiv(n_keys, bn))](mu, sigma2, centres, widths, dz, d_v,
-                                                          sdvb=sdv[0], sdvh=sdv[1], sdvn=sdv[2], **sizes)
+    with _on(v.device):
+        kernels.query_grad_kernel[(b * h, _cdiv(n, bm))](mu, sigma2, v, centres, widths, dz, d_mu, d_sigma2,
+                                                         svb=sv[0], svh=sv[1], svn=sv[2], **sizes)
+        kernels.value_grad_kernel[(b * h, _cdiv(n_keys, bn))](mu, sigma2, centres, widths, dz, d_v,
+                                                              sdvb=sdv[0], sdvh=sdv[1], sdvn=sdv[2], **sizes)
     return d_mu, d_sigma2, d_v
 
 
