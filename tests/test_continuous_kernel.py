@@ -222,7 +222,7 @@ from memory_plugins.continuous.kernel import tiles
 VALUES = ("v_ptr", "z_ptr", "dz_ptr", "dv_ptr")  # V's dtype (bf16 under autocast); μ, σ², grid: fp32
 for arch, block_d, values in [(90, 16, "fp32"), (90, 64, "fp32"), (90, 64, "bf16"), (90, 128, "fp32"),
                               (80, 256, "fp32"), (90, 512, "fp32")]:  # sm_90: H100/H200; sm_80: A100
-    bm, bn, stages = tiles(block_d)
+    bm, bn, _, stages = tiles(block_d)
     for name in ("forward_kernel", "query_grad_kernel", "value_grad_kernel"):
         fn = getattr(kernels, name)
         signature = {a: "constexpr" if a in ("BM", "BN", "BD") else f"*{values}" if a in VALUES

@@ -45,12 +45,21 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+def _beyond_limits(head_dim: int, elements: int) -> str | None:
+    """Why a read of this size cannot run the kernels (None if it can): heads wider than ``MAX_HEAD_DIM``,
+    or a tensor (``elements``: the largest of queries, values and output) past their 32-bit offsets."""
+    if head_dim > MAX_HEAD_DIM:
+        return f"the Triton kernels take head dims up to {MAX_HEAD_DIM}, got {head_dim}"
+    if elements >= 2**31:
+        return f"the Triton kernels index tensors of fewer than 2**31 elements, got {elements}"
+    return None
+
+
 def kernel_available(device: torch.device, dtype: torch.dtype, head_dim: int = 64, elements: int = 0) -> bool:
     """Whether a read of ``dtype`` on ``device`` runs the kernel: float32 (the read's compute dtype for
-    every float32/bf16/fp16 model) on CUDA, or anywhere under the interpreter; triton installed; head
-    dims up to ``MAX_HEAD_DIM``; tensors (``elements``: the largest of queries, values and output) the
-    kernels' 32-bit offsets can index."""
-    return (_HAS_TRITON and dtype == torch.float32 and head_dim <= MAX_HEAD_DIM and elements < 2**31
+    every float32/bf16/fp16 model) on CUDA, or anywhere under the interpreter; triton installed; a size
+    within the kernels' limits (:func:`_beyond_limits`)."""
+    return (_HAS_TRITON and dtype == torch.float32 and _beyond_limits(head_dim, elements) is None
             and (device.type == "cuda" or _interpreting()))
 
 
@@ -68,21 +77,19 @@ def _build() -> Any:
     return _triton_read
 
 
-def _block_d(d: int) -> int:
-    return max(16, 1 << (d - 1).bit_length())  # the next power of two ≥ d, at least 16 (tl.dot)
-
-
-def tiles(block_d: int) -> tuple[int, int, int]:
-    """(BM, BN, pipeline stages) for a head-dim tile BD: each kernel then needs at most 64 KiB of shared
-    memory per block (checked by compiling them, tests/test_continuous_kernel.py), which every GPU
-    since Turing (64 KiB) has. Wide heads get smaller query × key tiles and shallower pipelines."""
+def tiles(d: int) -> tuple[int, int, int, int]:
+    """(BM, BN, BD, pipeline stages) for head dim ``d``: BD the head-dim tile, the next power of two ≥ d
+    and at least 16 (tl.dot); each kernel then needs at most 64 KiB of shared memory per block (checked
+    by compiling them, tests/test_continuous_kernel.py), which every GPU since Turing (64 KiB) has. Wide
+    heads get smaller query × key tiles and shallower pipelines."""
+    block_d = max(16, 1 << (d - 1).bit_length())
     if block_d <= 64:
-        return 64, 64, 3
+        return 64, 64, block_d, 3
     if block_d <= 128:
-        return 64, 64, 2
+        return 64, 64, block_d, 2
     if block_d <= 256:
-        return 32, 32, 2
-    return 16, 16, 1
+        return 32, 32, block_d, 2
+    return 16, 16, block_d, 1
 
 
 def _read_fake(mu: Tensor, sigma2: Tensor, v: Tensor, centres: Tensor, widths: Tensor) -> Tensor:
@@ -129,8 +136,7 @@ def gauss_read(mu: Tensor, sigma2: Tensor, v: Tensor, centres: Tensor, widths: T
     b, h, n = mu.shape
     n_keys, d = v.shape[-2:]
     z = v.new_empty(b, n, h, d)  # (b, n, h, d)
-    block_d = _block_d(d)
-    bm, bn, stages = tiles(block_d)
+    bm, bn, block_d, stages = tiles(d)
     with _on(v.device):
         kernels.forward_kernel[(b * h, _cdiv(n, bm))](mu, sigma2, v, centres, widths, z, n, n_keys, centres.numel(), h,
                                                       d, widths.stride(0), *v.stride()[:3], BM=bm, BN=bn, BD=block_d,
@@ -153,8 +159,7 @@ def gauss_read_backward(dz: Tensor, mu: Tensor, sigma2: Tensor, v: Tensor, centr
     dz, mu, sigma2, v, centres = dz.contiguous(), mu.contiguous(), sigma2.contiguous(), _unit_d(v), centres.contiguous()
     b, h, n = mu.shape
     n_keys, d = v.shape[-2:]
-    block_d = _block_d(d)
-    bm, bn, stages = tiles(block_d)
+    bm, bn, block_d, stages = tiles(d)
     sizes = dict(n=n, n_keys=n_keys, num_c=centres.numel(), heads=h, d=d, sw=widths.stride(0), BM=bm, BN=bn,
                  BD=block_d, num_stages=stages)
     sv, sdv = v.stride(), d_v.stride()
@@ -180,13 +185,10 @@ def expected_values_triton(mu: Tensor, sigma2: Tensor, v: Tensor, centres: Tenso
     float32; ``centres`` (C,), ``widths`` (W,). ``min_width`` and ``constants`` are unused (the
     signature matches :func:`.read.expected_values_sdpa`)."""
     b, h, n_basis, d = v.shape
-    if d > MAX_HEAD_DIM:
-        raise ValueError(f"continuous read: the Triton kernels take head dims up to {MAX_HEAD_DIM}, got {d} "
-                         "(read_impl='triton' reads wider heads through SDPA)")
-    if max(v.numel(), b * h * mu.shape[-1] * d) >= 2**31:
-        raise ValueError(f"continuous read: the Triton kernels index tensors of fewer than 2**31 elements, got "
-                         f"values {tuple(v.shape)} and {mu.shape[-1]} queries (read_impl='triton' reads such "
-                         "sizes through SDPA)")
+    beyond = _beyond_limits(d, max(v.numel(), mu.numel() * d))  # values; queries and output (b, h, n, d)
+    if beyond:
+        raise ValueError(f"continuous read: {beyond}, for values {tuple(v.shape)} and mu {tuple(mu.shape)} "
+                         "(read_impl='triton' reads such sizes through SDPA)")
     if widths.numel() * centres.numel() != n_basis:
         raise ValueError(f"continuous read: {widths.numel()} widths × {centres.numel()} centres ≠ {n_basis} value rows")
     if mu.shape != sigma2.shape or mu.dim() != 3 or tuple(mu.shape[:2]) != (b, h):  # the kernels index them unchecked
