@@ -24,7 +24,7 @@ from memory_plugins.continuous.kernel import MAX_HEAD_DIM, expected_values_trito
 from memory_plugins.models import ReferenceDecoder
 
 from .conftest import DEVICE, INTERPRETER_RUNS_THE_KERNELS, make_generator, needs_kernel_read
-from .test_continuous_read import SIGMA2_MIN, grid, make_case, reference_values, rel_err, run, run_reference
+from .test_continuous_read import SIGMA2_MIN, grid, make_case, reference_sum, rel_err, run, run_reference
 
 pytest.importorskip("triton", reason="read_impl='triton' needs the triton package (a dev dependency on Linux x86-64)")
 
@@ -63,8 +63,7 @@ def test_kernel_read_and_its_gradients_match_float64(shape: tuple) -> None:
 
     z = expected_values_triton(*leaves32, centres, w)  # (b, h, n, d)
     z.backward(dz.float())
-    ref = reference_values(mu, sigma2, v, centres.double().repeat(len(widths)),
-                           w.double().repeat_interleave(c))  # (b, h, n, d) key j: centre j mod C, width j // C
+    ref = reference_sum(mu, sigma2, v, centres.double(), w.double())  # (b, h, n, d)
     ref.backward(dz)
     assert z.dtype == torch.float32 and z.shape == (b, h, n, d)
     assert rel_err(z, ref) < KERNEL_TOL
@@ -91,7 +90,7 @@ def test_values_are_read_in_their_own_layout_and_dtype(dtype: torch.dtype) -> No
     z = expected_values_triton(*leaves32, v, centres, w)  # (b, h, n, d)
     z.backward(dz)
     leaves64 = [t.detach().double().requires_grad_() for t in (mu, sigma2, v)]
-    ref = reference_values(*leaves64, centres.double().repeat(len(widths)), w.double().repeat_interleave(c))
+    ref = reference_sum(*leaves64, centres.double(), w.double())  # (b, h, n, d)
     ref.backward(dz.double())
     # z and ∂V are rounded once to V's dtype: within one ulp (to nearest on a GPU; the interpreter truncates bf16)
     stored = {torch.float32: KERNEL_TOL, torch.bfloat16: 2.0 ** -7, torch.float16: 2.0 ** -10}[dtype]
