@@ -97,11 +97,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     dtype = torch.bfloat16 if args.dtype == "bf16" else None
     data = segments(args, device, 4)
     runs: dict[str, dict[str, Any]] = {}
+    failed: dict[str, str] = {}
     for memory in args.memories:
         model = build(memory, args, device).train()
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=args.foreach or None)
-        for tokens in data + data:  # fill the memory, warm up the allocator
-            step(model, opt, tokens, dtype)
+        try:
+            for tokens in data + data:  # fill the memory, warm up the allocator
+                step(model, opt, tokens, dtype)
+        except Exception as err:  # noqa: BLE001 (one memory failing, e.g. a kernel on a new GPU, leaves the others' table)
+            failed[memory] = f"{type(err).__name__}: {err}"
+            print(f"{memory}: FAILED, left out of the table: {failed[memory][:500]}", flush=True)
+            continue
         runs[memory] = {"model": model, "opt": opt, "times": []}
     for r in range(args.repeats):  # interleaved: every memory sees the same machine noise
         for memory, run in runs.items():
@@ -138,7 +144,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if "profile" in row:
             busy = f", GPU busy {row['gpu_busy_ms']:.1f} ms of the step" if "gpu_busy_ms" in row else ""
             print(f"-- {row['memory']}: one profiled step{busy}\n{row['profile']}")
-    result = {"args": vars(args), "torch": torch.__version__, "threads": torch.get_num_threads(), "rows": rows}
+    result = {"args": vars(args), "torch": torch.__version__, "threads": torch.get_num_threads(), "rows": rows,
+              "failed": failed}
     write_result(result, args.out)
     return result
 
