@@ -16,7 +16,8 @@
 # (git ignores it; the device tool carries it with carry: [".whl"]). Made, here, with:
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #     --platform manylinux2014_x86_64 -d .whl x-transformers==2.31.10 einx==0.4.3 loguru==0.7.3 \
-#     torch-einops-utils==0.2.0 frozendict==2.5.1
+#     torch-einops-utils==0.2.0 frozendict==2.5.1 transformers==5.18.0
+# (transformers: the device image's 5.17 cannot resume a multi-process Trainer run; the hf extra asks for >= 5.18)
 set -u
 RES=${RES:-benchmarks/results/gpu_issue10}
 PACK=${PACK:-}
