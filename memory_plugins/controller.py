@@ -99,6 +99,9 @@ class MemoryController(nn.Module):
         self.staged: dict[int, MemoryState] = {}
         self.reads: dict[int, MemoryRead] = {}
         self.in_forward = False
+        self.commit_deferred = False  # the wrapper's forward commits once the base model's call has returned
+        self.expand_for_generation = False  # inside MemoryModel.generate: beams / sequences read their sample's memory
+        self.expanded: dict[int, MemoryState] = {}  # those rows' states, per layer, for one generate() call
         self.enabled = True
         self.writing = True
         self.state_dtype = torch.float32  # dtype of the host's activations, for state templates
@@ -114,9 +117,13 @@ class MemoryController(nn.Module):
         # Aux losses and reads of the last forward hold autograd graphs, which copy.deepcopy and
         # pickle refuse; they belong to that forward only, so a copy starts without them.
         state = self.__dict__.copy()
-        state["aux_losses"], state["reads"], state["staged"] = [], {}, {}
-        state["in_forward"] = False
+        state["aux_losses"], state["reads"], state["staged"], state["expanded"] = [], {}, {}, {}
+        state["in_forward"] = state["commit_deferred"] = state["expand_for_generation"] = False
         return state
+
+    def __setstate__(self, state: dict) -> None:
+        state = {"commit_deferred": False, "expand_for_generation": False, "expanded": {}, **state}  # pickled before 0.2's last fixes
+        super().__setstate__(state)
 
     def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> "MemoryController":
         # ``model.to(device / dtype)`` takes the stream's state along: devices follow, and floating
@@ -168,8 +175,17 @@ class MemoryController(nn.Module):
              *, write: bool = True) -> MemoryRead | None:
         if not self.enabled:
             return None
+        if not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1:
+            raise NotImplementedError(
+                f"memory layer {self.names[index]!r} was run during a backward pass: activation checkpointing "
+                "(torch.utils.checkpoint, checkpoint_wrapper) re-runs the layers it wraps in backward, which would "
+                "read the memory a second time, after this segment has already advanced it, and write it again. "
+                "Checkpoint only blocks without a memory, or train without checkpointing"
+            )
         backend = self.backends[index]
         b, n = x.shape[:2]
+        if n == 0:  # an empty segment: nothing to read with, nothing to write (the host runs as without memory)
+            return None
         if valid is not None:
             if not isinstance(valid, Tensor) or tuple(valid.shape) != (b, n):
                 got = tuple(valid.shape) if isinstance(valid, Tensor) else type(valid).__name__

@@ -53,11 +53,19 @@ class MemoryModel(nn.Module):
         _show_base_signature(self)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        # Through the wrapper the commit waits for the base model's call to return, forward hooks that
+        # the user put on the base model after wrap() included (a direct call of the base model, as its
+        # own generate() makes, commits in the base model's forward hook).
+        self.memory.commit_deferred = True
         try:
-            return self.model(*args, **kwargs)
+            out = self.model(*args, **kwargs)
         except BaseException:  # KeyboardInterrupt too: the failed segment leaves no trace
             self.memory.abort()
             raise
+        finally:
+            self.memory.commit_deferred = False
+        self.memory.commit()
+        return out
 
     def __getstate__(self) -> dict:
         state = super().__getstate__()
@@ -229,7 +237,8 @@ class _CommitForward:
         self.memory = memory
 
     def __call__(self, module: nn.Module, args: Any, output: Any) -> None:
-        self.memory.commit()
+        if not self.memory.commit_deferred:  # called through the wrapper, which commits after every hook
+            self.memory.commit()
 
 
 def _write_state_file(model: MemoryModel, path: Path) -> None:

@@ -174,6 +174,71 @@ def test_a_failed_forward_changes_nothing_and_a_retry_equals_a_clean_run(host_na
             assert torch.equal(host.run(model, seg, None), host.run(clean, seg, None))
 
 
+def _states_equal(before: dict, after: dict) -> bool:
+    return before["layers"].keys() == after["layers"].keys() and all(
+        state.keys() == after["layers"][layer].keys() and all(torch.equal(state[k], after["layers"][layer][k]) for k in state)
+        for layer, state in before["layers"].items())
+
+
+@pytest.mark.parametrize("error", [_Boom, KeyboardInterrupt])
+@pytest.mark.parametrize("memory", MEMORIES)
+def test_a_hook_put_on_the_base_model_after_wrapping_that_fails_changes_nothing(memory: str,
+                                                                               error: type[BaseException]) -> None:
+    """The segment commits when the wrapper's call returns, not in a hook of the base model that runs
+    before hooks put there later."""
+    host = _reference()
+    model = _wrapped(memory, host)
+    clean = copy.deepcopy(model)
+    segs = _segments(torch.randint(2, V, (2, 4 * N)))
+    with torch.no_grad():
+        for seg in segs[:2]:
+            model(seg), clean(seg)
+        before = model.memory_state()
+
+        def boom(*args: Any) -> None:
+            raise error("interrupted after the base model's forward returned")
+
+        handle = model.model.register_forward_hook(boom)
+        with pytest.raises(error):
+            model(segs[2])
+        handle.remove()
+        assert _states_equal(before, model.memory_state())
+        for seg in segs[2:]:  # the retry equals the run that never failed
+            assert torch.equal(model(seg), clean(seg))
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_activation_checkpointing_of_memory_layers_is_refused_and_changes_nothing(reentrant: bool) -> None:
+    """Recomputing a block in backward would run its memory layer again, after the segment has advanced
+    the memory: a clear error, raised before anything is read or written."""
+    checkpoint = pytest.importorskip("torch.utils.checkpoint").checkpoint
+    model = _wrapped("xl", _reference()).train()
+    for block in model.model.blocks:
+        block.forward = (lambda f: lambda *a, **k: checkpoint(f, *a, use_reentrant=reentrant, **k))(block.forward)
+    seg = torch.randint(2, V, (2, N))
+    out = model(seg)
+    after_forward = model.memory_state()
+    with pytest.raises(NotImplementedError, match="activation checkpointing"):
+        out.float().pow(2).mean().backward()
+    assert _states_equal(after_forward, model.memory_state())
+
+
+@pytest.mark.parametrize("memory", MEMORIES)
+def test_an_empty_segment_is_the_base_models_and_leaves_the_stream_as_it_was(memory: str) -> None:
+    host = _reference()  # (transformers' own mask code refuses a length-0 input)
+    model = _wrapped(memory, host).train()  # training: the aux losses run too
+    clean = copy.deepcopy(model)
+    segs = _segments(torch.randint(2, V, (2, 3 * N)))
+    with torch.no_grad():
+        model(segs[0]), clean(segs[0])
+        before = model.memory_state()
+        empty = host.run(model, segs[1][:, :0], None)
+        assert empty.shape[:2] == (2, 0)
+        assert _states_equal(before, model.memory_state())
+        for seg in segs[1:]:
+            assert torch.equal(host.run(model, seg, None), host.run(clean, seg, None))
+
+
 # -- state hygiene -----------------------------------------------------------------------------------
 @pytest.mark.parametrize("memory", MEMORIES)
 def test_reset_clears_nan_and_a_reset_sample_equals_a_fresh_stream(memory: str) -> None:
