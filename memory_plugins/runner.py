@@ -137,7 +137,7 @@ class SegmentRunner:
             self.model.reset_memory()
         token_losses, aux_terms, window, predictions = [], [], [], []
         for i, (s, e) in enumerate(bounds):
-            if doc_start is not None and i > 0:
+            if doc_start is not None and (i > 0 or not reset):  # after a reset the first segment starts empty
                 starting = doc_start[:, s:e].any(dim=1)  # (b,)
                 if has_memory and bool(starting.any()):
                     self.model.reset_memory(starting)

@@ -55,6 +55,28 @@ def test_document_start_resets_only_that_sample() -> None:
     assert (out.token_loss[1, 32:] - plain.token_loss[1, 32:]).abs().max().item() > 1e-4
 
 
+def test_a_document_starting_in_the_first_segment_of_a_continued_call_resets_that_sample() -> None:
+    """With ``reset=False`` the call continues the streams: a document that starts in its first segment
+    must not read the previous document's memory."""
+    wrapped = mp.wrap(_model().eval(), "xl", mem_len=64)
+    runner = mp.SegmentRunner(wrapped, segment_len=16)
+    history, tokens = torch.randint(0, 29, (2, 32)), torch.randint(0, 29, (2, 32))
+    targets = tokens.roll(-1, dims=1)
+    doc_start = torch.zeros(2, 32, dtype=torch.bool)
+    doc_start[1, 0] = True  # sample 1's new document starts at the call's first token
+    runner(history, history.roll(-1, dims=1))
+    kept = copy.deepcopy(wrapped.memory_state())
+    out = runner(tokens, targets, doc_start=doc_start, reset=False)
+    wrapped.set_memory_state(kept)
+    wrapped.reset_memory(torch.tensor([False, True]))
+    explicit = runner(tokens, targets, reset=False)
+    wrapped.set_memory_state(kept)
+    continued = runner(tokens, targets, reset=False)
+    assert torch.equal(out.token_loss, explicit.token_loss)
+    assert torch.equal(out.token_loss[0], continued.token_loss[0])
+    assert (out.token_loss[1] - continued.token_loss[1]).abs().max().item() > 1e-4
+
+
 def test_ignored_targets_and_grad_segments() -> None:
     wrapped = mp.wrap(_model(), "xl", mem_len=32)
     tokens = torch.randint(0, 29, (2, 48))
