@@ -71,7 +71,7 @@ def add_output(out: Tensor, read: Any, valid: Tensor | None = None) -> Tensor:
         return out
     extra = read.output.to(out.dtype)  # (b, n, e)
     if valid is not None:
-        extra = extra * valid[..., None].to(out.dtype)
+        extra = torch.where(valid[..., None].to(torch.bool), extra, 0.0)  # selected: a NaN there stays out
     return out + extra
 
 

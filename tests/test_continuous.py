@@ -317,6 +317,26 @@ def test_kl_regulariser_eqs_20_21() -> None:
     assert read_of(mem.eval(), state, torch.randn(3, 6, 8), torch.randn(3, 2, 6, 4)).aux_loss is None  # training only
 
 
+@pytest.mark.parametrize("junk", [float("nan"), float("inf"), 1e3])
+def test_padded_queries_take_no_part_in_the_kl_the_histogram_or_the_output_whatever_they_hold(junk: float) -> None:
+    """Padding never enters the memory: a padded query (a host may leave NaN in a fully masked row)
+    changes neither the KL, nor the sticky histogram, nor the read's output at the real positions."""
+    torch.manual_seed(4)
+    mem = make(n_basis=8, basis_widths=WIDE, kl_weight=0.1, sticky=True, zero_init_output=False).train()
+    state = mem.init_state(2, DEVICE, torch.float32)
+    state["coef"], state["has_ltm"] = torch.randn(2, 8, 8), torch.tensor([True, True])
+    x, q = torch.randn(2, 6, 8), torch.randn(2, 2, 6, 4)
+    valid = torch.ones(2, 6, dtype=torch.bool)
+    valid[1, :2] = False  # sample 1's first two positions are padding
+    read, new = mem.step(state, x, q, valid)
+    q_junk = q.clone()
+    q_junk[1, :, :2] = junk
+    read_junk, new_junk = mem.step(state, x, q_junk, valid)
+    assert torch.isfinite(read_junk.aux_loss) and torch.equal(read_junk.aux_loss, read.aux_loss)
+    assert torch.equal(new_junk["hist"], new["hist"])
+    assert torch.equal(read_junk.output[valid], read.output[valid])
+
+
 def test_evaluation_under_bf16_autocast_keeps_gaussians_in_float32() -> None:
     torch.manual_seed(3)
     mem = make(n_basis=16, basis_widths=WIDE, zero_init_output=False)

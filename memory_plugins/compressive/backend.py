@@ -167,8 +167,8 @@ class CompressiveMemory(nn.Module):
         if x_valid is None:
             per_sample = err.mean(dim=1)  # (b,)
         else:  # padded queries are not part of the stream: they take no part in the loss
-            w = x_valid.to(acc)  # (b, n)
-            per_sample = (err * w).sum(dim=1) / w.sum(dim=1).clamp(min=1)  # (b,)
+            keep = x_valid.to(torch.bool)  # (b, n) selected, not multiplied: a NaN there stays out
+            per_sample = torch.where(keep, err, 0.0).sum(dim=1) / keep.sum(dim=1).clamp(min=1).to(acc)  # (b,)
         counts = old_valid.any(dim=1).to(per_sample.dtype)  # (b,) samples with something compressed
         return (per_sample * counts).sum() / counts.sum().clamp(min=1)
 

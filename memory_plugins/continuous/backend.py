@@ -332,10 +332,9 @@ class ContinuousMemory(nn.Module):
             scale = cfg.kl_weight * (1.0 if cfg.kl_reduction == "paper" else 1.0 / h) / 2.0
             if valid is None:
                 per_sample = t.sum(dim=(1, 2)).mul(scale / n).sub_(scale * h)  # (b,) λ_KL · mean KL over queries
-            else:  # padded queries are not part of the stream
-                w = valid.to(t.dtype)  # (b, n)
-                count = w.sum(dim=-1)  # (b,)
-                total = torch.bmm(t.sum(dim=1)[:, None, :], w[:, :, None]).view(b)  # (b,) Σ_valid Σ_h t
+            else:  # padded queries are not part of the stream (selected, not multiplied: a NaN there stays out)
+                count = valid.sum(dim=-1).to(t.dtype)  # (b,)
+                total = torch.where(valid[:, None, :], t, 0.0).sum(dim=(1, 2))  # (b,) Σ_valid Σ_h t
                 per_sample = torch.add(total, count, alpha=-h).mul_(scale) / count.clamp_min(1.0)  # (b,)
             weight = has.to(per_sample.dtype)  # (b,)
             return torch.dot(per_sample, weight) / weight.sum().clamp_min(1.0)

@@ -36,7 +36,7 @@ def attention_histogram(mu: Tensor, sigma2: Tensor, num_bins: int, valid: Tensor
     cdf = torch.special.ndtr((edges - mu32[..., None]) / sd[..., None])  # (b, h, n, D + 1)
     bins = cdf[..., 1:] - cdf[..., :-1]  # (b, h, n, D)
     if valid is not None:
-        bins = bins * valid[:, None, :, None].to(bins.dtype)  # (b, h, n, D)
+        bins = torch.where(valid[:, None, :, None], bins, 0.0)  # (b, h, n, D) padded queries out, NaN ones too
     mass = bins.sum(dim=(1, 2))  # (b, D)
     total = mass.sum(dim=-1, keepdim=True)  # (b, 1)
     uniform = torch.full_like(mass, 1.0 / num_bins)  # (b, D)
