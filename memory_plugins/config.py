@@ -56,7 +56,7 @@ def check_float(
 ) -> None:
     """Finite float in the interval; ``*_open`` excludes the end point."""
     value = getattr(cfg, name)
-    lo, hi = ("(" if low_open else "["), (")" if high_open else "]")
+    lo, hi = ("(" if low_open else "["), (")" if high_open or high == math.inf else "]")  # inf is refused
     allowed = f"a float in {lo}{low}, {high}{hi}"
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise ValueError(f"{_where(cfg, name)} must be {allowed}, got {value!r}")

@@ -62,7 +62,7 @@ def write_all(mem: CompressiveMemory, state: dict, xs: list[Tensor]) -> dict:
         ("compression_rate", 0, "an int >= 1"),
         ("compression_rate", 2.0, "an int >= 1"),
         ("compression", "avg", "['conv', 'mean', 'max']"),
-        ("recon_weight", -0.1, "[0.0, inf]"),
+        ("recon_weight", -0.1, "[0.0, inf)"),
     ],
 )
 def test_config_rejects_bad_values_naming_them(option: str, value: object, allowed: str) -> None:

@@ -107,11 +107,11 @@ def test_config_rejects_bad_values_naming_parameter_value_and_range() -> None:
         ContinuousConfig(sticky_sampling="left")
     with pytest.raises(ValueError, match=r"n_samples must be an int >= 1, got 0"):
         ContinuousConfig(n_samples=0)
-    with pytest.raises(ValueError, match=r"ridge_lambda must be a float in \(0.0, inf\], got 0"):
+    with pytest.raises(ValueError, match=r"ridge_lambda must be a float in \(0.0, inf\), got 0"):
         ContinuousConfig(ridge_lambda=0)
     with pytest.raises(ValueError, match=r"mu_prior must be a float in \[0.0, 1.0\], got 1.5"):
         ContinuousConfig(mu_prior=1.5)
-    with pytest.raises(ValueError, match=r"fit_cache_mib must be a float in \(0.0, inf\], got 0"):
+    with pytest.raises(ValueError, match=r"fit_cache_mib must be a float in \(0.0, inf\), got 0"):
         ContinuousConfig(fit_cache_mib=0)
     with pytest.raises(TypeError, match="did you mean 'n_basis'"):
         mp.wrap(ReferenceDecoder(dim=16, depth=1, heads=2), "continuous", n_basi=8)

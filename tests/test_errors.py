@@ -30,6 +30,13 @@ def test_bad_value_names_parameter_value_and_range(value: object) -> None:
         mp.wrap(_model(), "xl", mem_len=value)
 
 
+@pytest.mark.parametrize("option", ["kl_weight", "sigma_0", "ridge_lambda", "fit_cache_mib"])
+def test_an_infinite_float_is_refused_by_a_range_that_says_it_is_open(option: str) -> None:
+    """Non-finite floats are refused, so a range without an upper bound reads (…, inf), never …, inf]."""
+    with pytest.raises(ValueError, match=rf"ContinuousConfig\.{option} must be a float in [\[(][^,]+, inf\), got inf"):
+        mp.ContinuousConfig(**{option: float("inf")})
+
+
 def test_config_object_and_options_together_is_refused() -> None:
     with pytest.raises(TypeError, match="config object and extra options"):
         mp.wrap(_model(), mp.XLConfig(mem_len=4), mem_len=8)
