@@ -211,15 +211,21 @@ class MemoryController(nn.Module):
         b = x.shape[0]
         if state is None:
             return self.backends[index].init_state(b, x.device, x.dtype)
+        if next(iter(state.values())).device != x.device:
+            state = {k: v.to(x.device) for k, v in state.items()}
+            self.states[index] = state
         held = next(iter(state.values())).shape[0]
+        if held != b and self.expand_for_generation and not self.writing and b % held == 0:
+            expanded = self.expanded.get(index)  # each sample's memory, once per row of it (HF's repeat_interleave order)
+            if expanded is None or next(iter(expanded.values())).shape[0] != b:
+                expanded = {k: v.repeat_interleave(b // held, dim=0) for k, v in state.items()}
+                self.expanded[index] = expanded
+            return expanded
         if held != b:
             raise ValueError(
                 f"batch size changed from {held} to {b} without a reset: memory is per sample, so call "
                 f"reset_memory() to start new streams (layer {self.names[index]!r})"
             )
-        if next(iter(state.values())).device != x.device:
-            state = {k: v.to(x.device) for k, v in state.items()}
-            self.states[index] = state
         return state
 
     # -- switches ---------------------------------------------------------------------------

@@ -135,17 +135,59 @@ class MemoryModel(nn.Module):
         """The base model's ``generate()`` with the memory read at every step and never written, unless
         ``write_memory``: then the prompt and the generated tokens are written afterwards as one
         segment (one forward), so that the next call continues the stream. The same rule holds with
-        ``use_cache=False``, where the base model re-reads the growing prefix at every step."""
+        ``use_cache=False``, where the base model re-reads the growing prefix at every step.
+
+        Beam search and several sequences per prompt (``num_beams``, ``num_return_sequences``) read,
+        in every row of a sample, that sample's memory. What is written is what a forward would
+        write: the prompt's padding (``attention_mask``) and the padding after a finished sequence's
+        end-of-sequence token stay out of the memory."""
         if not hasattr(self.model, "generate"):
             raise AttributeError(
                 f"{type(self.model).__name__} has no generate(); for segment-wise sampling use "
                 "memory_plugins.generation.generate(model, prompt, max_new_tokens, segment_len=...)")
-        with self.memory_frozen():
-            out = self.model.generate(*args, **kwargs)
+        if write_memory and (kwargs.get("num_return_sequences") or 1) > 1:
+            raise ValueError(f"generate(write_memory=True) writes one sequence per sample, got num_return_sequences="
+                             f"{kwargs['num_return_sequences']}: generate them without write_memory, then write the "
+                             "chosen one with a forward")
+        self.memory.expand_for_generation = True  # rows of the same sample (beams, sequences) read its memory
+        try:
+            with self.memory_frozen():
+                out = self.model.generate(*args, **kwargs)
+        finally:
+            self.memory.expand_for_generation = False
+            self.memory.expanded = {}
         if write_memory:
             sequences = out if isinstance(out, Tensor) else out.sequences  # (b, t + T)
-            self(sequences)
+            mask = self._generated_mask(sequences, args, kwargs)  # (b, t + T) or None
+            if mask is None:
+                self(sequences)
+            else:
+                self(sequences, attention_mask=mask)
         return out
+
+    def _generated_mask(self, sequences: Tensor, args: tuple, kwargs: dict) -> Tensor | None:
+        """The valid tokens of ``generate``'s ``sequences`` (b, t + T) for writing them: the prompt's
+        ``attention_mask``, then every generated token up to and with the first end-of-sequence token
+        (later ones are the padding of a finished row). None where the base forward takes no
+        ``attention_mask`` or nothing is padded."""
+        if "attention_mask" not in inspect.signature(self.model.forward).parameters:
+            return None
+        prompt = kwargs.get("input_ids", args[0] if args and isinstance(args[0], Tensor) else None)
+        if prompt is None or prompt.shape[1] > sequences.shape[1]:
+            return None
+        t = prompt.shape[1]
+        given = kwargs.get("attention_mask")
+        head = given.to(device=sequences.device, dtype=torch.bool) if given is not None else \
+            torch.ones(sequences.shape[0], t, dtype=torch.bool, device=sequences.device)  # (b, t)
+        config = kwargs.get("generation_config") or getattr(self.model, "generation_config", None)
+        eos = kwargs.get("eos_token_id", getattr(config, "eos_token_id", None))
+        new = sequences[:, t:]  # (b, T)
+        tail = torch.ones_like(new, dtype=torch.bool)  # (b, T)
+        if eos is not None:
+            ends = torch.isin(new, torch.as_tensor(eos, device=new.device).reshape(-1))  # (b, T)
+            tail = ends.cumsum(dim=1) - ends.to(torch.long) == 0  # (b, T) up to and with the first end
+        mask = torch.cat([head, tail], dim=1)  # (b, t + T)
+        return None if bool(mask.all()) else mask.to(torch.long)
 
     def save_pretrained(self, directory: str | Path, *, save_memory_state: bool = False, **kwargs: Any) -> None:
         """Save the base model (its own ``save_pretrained`` if it has one, else ``model.pt``) and,
@@ -299,10 +341,18 @@ def _strip_base_prefix(module: nn.Module, state_dict: dict, prefix: str, local_m
 
 
 def _add_base_prefix(module: nn.Module, state_dict: dict, prefix: str, *args: Any) -> None:
+    """Give the base model's keys back their ``model.`` level before loading. A key is the base model's
+    when the base model has it: its own keys may start with ``model.`` too (``LlamaForCausalLM``'s
+    ``model.embed_tokens.weight``), so the prefix alone cannot tell. Keys that already carry the level
+    (a state dict saved without the strip) stay; others that are not the memory's get it, so that
+    ``load_state_dict`` reports them under their own names."""
     module._load_prefix = prefix
-    keep = (prefix + _MEMORY_PREFIX, prefix + _BASE_PREFIX)
-    for key in [k for k in state_dict if k.startswith(prefix) and not k.startswith(keep)]:
-        state_dict[prefix + _BASE_PREFIX + key[len(prefix):]] = state_dict.pop(key)
+    base_keys = set(module.model.state_dict(keep_vars=True))
+    for key in [k for k in state_dict if k.startswith(prefix)]:
+        rel = key[len(prefix):]
+        if rel in base_keys or not (rel.startswith(_MEMORY_PREFIX) or rel.startswith(_BASE_PREFIX)
+                                    and rel[len(_BASE_PREFIX):] in base_keys):
+            state_dict[prefix + _BASE_PREFIX + rel] = state_dict.pop(key)
 
 
 def _strip_incompatible(module: nn.Module, incompatible: Any) -> None:

@@ -246,6 +246,120 @@ def test_generate_reads_the_memory_at_every_step_with_the_kv_cache(host: str, na
     assert _state_close(wrapped.memory_state(), twin.memory_state())
 
 
+def _llama_with_history(name: str) -> tuple[mp.MemoryModel, Tensor, Tensor]:
+    """A wrapped Llama whose memory holds one segment, and a prompt (2, 5) whose sample 1 is left-padded
+    by 2 (as for batched generation), with its attention mask."""
+    wrapped = _wrapped(name, _host("llama"))
+    with torch.no_grad():
+        wrapped(torch.randint(2, V, (2, N)))
+    mask = torch.ones(2, 5, dtype=torch.long)
+    mask[1, :2] = 0
+    return wrapped, torch.randint(2, V, (2, 5)), mask
+
+
+@pytest.mark.parametrize("name", MEMORIES)
+def test_generate_writes_what_a_forward_with_the_padding_writes(name: str) -> None:
+    """write_memory=True leaves the prompt's padding and what follows a finished row's EOS token out."""
+    wrapped, prompt, mask = _llama_with_history(name)
+    kwargs = dict(attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=1)
+    probe = copy.deepcopy(wrapped).generate(prompt, eos_token_id=None, **kwargs)
+    eos = int(probe[0, 6])  # sample 0's second new token ends its row: two pads follow it
+    twin = copy.deepcopy(wrapped)
+    out = wrapped.generate(prompt, eos_token_id=eos, write_memory=True, **kwargs)
+    valid = torch.ones(out.shape, dtype=torch.long)
+    valid[:, :5] = mask
+    for row in range(2):  # a reference of its own: every generated token up to and with the first EOS
+        ends = (out[row, 5:] == eos).nonzero()
+        if len(ends):
+            valid[row, 5 + int(ends[0]) + 1 :] = 0
+    assert valid[0, 7:].sum() == 0  # the test covers a finished row
+    with torch.no_grad():
+        twin(out, attention_mask=valid)
+    assert _state_close(wrapped.memory_state(), twin.memory_state(), tol=0.0)
+
+
+@pytest.mark.parametrize("name", MEMORIES)
+def test_beams_and_several_sequences_read_their_own_samples_memory(name: str) -> None:
+    wrapped = _wrapped(name, _host("llama"))
+    with torch.no_grad():
+        for seg in torch.randint(2, V, (2, 2, N)):
+            wrapped(seg)
+    before = wrapped.memory_state()
+    prompt = torch.randint(2, V, (2, 5))
+    kwargs = dict(max_new_tokens=1, eos_token_id=None, output_logits=True, return_dict_in_generate=True)
+    one = wrapped.generate(prompt, do_sample=False, **kwargs)
+    many = wrapped.generate(prompt, do_sample=True, num_return_sequences=3, **kwargs)
+    assert _max(many.logits[0], one.logits[0].repeat_interleave(3, dim=0)) <= 1e-5  # rows 3i..3i+2: sample i
+    beams = wrapped.generate(prompt, max_new_tokens=3, num_beams=2, do_sample=False, eos_token_id=None)
+    assert beams.shape == (2, 8)
+    assert _state_close(before, wrapped.memory_state(), tol=0.0)
+    with pytest.raises(ValueError, match="num_return_sequences=2"):
+        wrapped.generate(prompt, max_new_tokens=1, do_sample=True, num_return_sequences=2, write_memory=True)
+
+
+@pytest.mark.parametrize("name", KV_MEMORIES)
+def test_a_static_cache_reads_the_memory_at_the_same_positions_as_a_dynamic_one(name: str) -> None:
+    wrapped, prompt, mask = _llama_with_history(name)
+    kwargs = dict(attention_mask=mask, max_new_tokens=4, do_sample=False, eos_token_id=None, pad_token_id=1,
+                  output_logits=True, return_dict_in_generate=True)  # fmt: skip
+    dynamic = wrapped.generate(prompt, cache_implementation="dynamic", **kwargs)
+    static = wrapped.generate(prompt, cache_implementation="static", **kwargs)
+    assert max(_max(a, b) for a, b in zip(dynamic.logits, static.logits)) <= 1e-5
+    with wrapped.memory_disabled():
+        plain = wrapped.generate(prompt, cache_implementation="static", **kwargs)
+    assert _max(plain.logits[-1], static.logits[-1]) > 1e-4  # the memory was read
+
+
+@pytest.mark.parametrize("name", KV_MEMORIES)
+def test_a_sliding_window_cache_keeps_the_memory_where_it_was(name: str) -> None:
+    """Once Mistral's cache slides, it hands over fewer keys than tokens seen; the memory's rotary
+    positions still count from the segment's first token."""
+    base = MistralForCausalLM(MistralConfig(**{**ROPE, "sliding_window": 6})).eval()
+    wrapped = _wrapped(name, base)
+    with torch.no_grad():
+        wrapped(torch.randint(2, V, (2, N)))
+    prompt, steps = torch.randint(2, V, (2, 4)), 6
+    out = wrapped.generate(prompt, max_new_tokens=steps, do_sample=False, eos_token_id=None, output_logits=True,
+                           return_dict_in_generate=True)  # fmt: skip
+    seq, logits = prompt, []
+    with torch.no_grad(), wrapped.memory_frozen():
+        for _ in range(steps):  # uncached full forwards: the window applies as in the cache
+            logits.append(wrapped(seq, use_cache=False).logits[:, -1])
+            seq = torch.cat([seq, logits[-1].argmax(-1, keepdim=True)], dim=1)
+    assert max(_max(a, b) for a, b in zip(out.logits, logits)) <= 1e-5
+
+
+@pytest.mark.parametrize("name", MEMORIES)
+def test_an_attention_mask_passed_by_position_keeps_the_padding_out(name: str) -> None:
+    by_keyword = _wrapped(name, _host("llama"))
+    by_position, unmasked = copy.deepcopy(by_keyword), copy.deepcopy(by_keyword)
+    seg = torch.randint(2, V, (2, N))
+    mask = torch.ones(2, N, dtype=torch.long)
+    mask[1, :3] = 0
+    with torch.no_grad():
+        by_keyword(seg, attention_mask=mask)
+        by_position(seg, mask)
+        unmasked(seg)
+    assert _state_close(by_keyword.memory_state(), by_position.memory_state(), tol=0.0)
+    assert not _state_close(by_keyword.memory_state(), unmasked.memory_state())
+
+
+@pytest.mark.parametrize("host", ["gpt2", "llama", "qwen2", "mistral"])
+def test_state_dict_loads_back_where_the_base_keys_start_with_model(host: str) -> None:
+    """LlamaForCausalLM's own keys start with ``model.`` (``model.embed_tokens.weight``), the level the
+    wrapper strips: loading must still put every base key back into the base model (Trainer's resume and
+    load_best_model_at_end go through load_state_dict)."""
+    source, target = _wrapped("continuous", _host(host)), _wrapped("continuous", _host(host))
+    saved = source.state_dict()
+    assert any(not torch.equal(saved[k], v) for k, v in target.state_dict().items())
+    target.load_state_dict(saved)  # strict: no key missing or unexpected
+    assert all(torch.equal(saved[k], v) for k, v in target.state_dict().items())
+    fresh = _wrapped("continuous", _host(host))
+    result = fresh.load_state_dict(source.model.state_dict(), strict=False)  # the base model's own state dict
+    assert not result.unexpected_keys and result.missing_keys and all(k.startswith("memory.") for k in result.missing_keys)
+    assert all(torch.equal(a, b) for a, b in zip(fresh.model.state_dict().values(), source.model.state_dict().values()))
+
+
 # -- training: labels, loss, aux loss ----------------------------------------------------------------------------
 
 

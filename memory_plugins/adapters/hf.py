@@ -19,8 +19,11 @@ internals. Each targeted attention module gets
 
 The model itself gets a pre-hook / hook pair: a forward called *with* a kv cache (``generate()``,
 or a user's own incremental decoding) reads the memory but does not write it, since the cache already
-holds those tokens; and, where asked (:func:`include_memory_aux_loss`, or ``memory_aux_loss=True`` in
-the call), the memory's aux loss is added to ``output.loss``.
+holds those tokens. The prefill call that builds the cache has none, so it writes like any segment:
+a user's own incremental decoding runs it under ``memory_frozen()`` too, as ``MemoryModel.generate``
+does (else the cached steps see the prompt twice, in the memory and in the cache), and writes the
+finished segment afterwards with one forward. Where asked (:func:`include_memory_aux_loss`, or
+``memory_aux_loss=True`` in the call), the memory's aux loss is added to ``output.loss``.
 
 GPT-2 has absolute position embeddings. Decision: each segment keeps positions ``0 … n-1`` (so with an
 empty or disabled memory the model is exactly the base model), and memory vectors keep the position
@@ -41,6 +44,7 @@ sliding windows do not apply to the memory's keys (they are always visible).
 from __future__ import annotations
 
 import fnmatch
+import inspect
 import sys
 import warnings
 from dataclasses import dataclass
@@ -50,7 +54,6 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import Tensor, nn
 from transformers import AttentionInterface
-from transformers.cache_utils import Cache
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from memory_plugins.controller import MemoryHook
@@ -141,6 +144,8 @@ class _ModelBinding:
     rotary: nn.Module | None  # the model's rotary embedding (rotary architectures)
     incremental: bool = False  # the current forward was called with a kv cache: read only
     attention_mask: Tensor | None = None  # the current forward's 2-D padding mask (b, L), if any
+    cached: Any = None  # tokens in the current forward's kv cache before it (int or 0-d tensor), if it has one
+    key_mask: Tensor | None = None  # (b, slots) real tokens among a static cache's slots, from a 4-D mask
     aux_in_loss: bool = False  # add the memory aux loss to output.loss (include_memory_aux_loss)
     aux_this_call: bool = False  # memory_aux_loss=True in the current call
     warned: bool = False
@@ -189,9 +194,14 @@ class _LayerBinding:
         source = read.kv_source.to(key.dtype)  # (b, m, e)
         m = source.shape[1]
         km, vm = self.proj.kv_heads(source)  # (b, k, m, d)
-        if rotary:
-            own = padding[:, -length:].to(torch.bool) if padding is not None and padding.shape[-1] >= length else None
-            km = self._rotate_memory(km, kwargs.get("position_ids"), n, length, own)
+        if rotary:  # the 2-D mask spans every token so far (cached + this call's), whatever keys the cache hands over
+            own = padding.to(torch.bool) if padding is not None and padding.shape[-1] >= n else None  # (b, T)
+            cached = self.model.cached if self.model.cached is not None else length - n
+            if own is not None:
+                cached = own.shape[-1] - n
+            elif self.model.key_mask is not None:  # a static cache's slots hold the tokens in order
+                own = self.model.key_mask.to(km.device)  # (b, slots)
+            km = self._rotate_memory(km, kwargs.get("position_ids"), n, cached, own)
         key = torch.cat([km.to(key.dtype), key], dim=2)  # (b, k, m + L, d)
         value = torch.cat([vm.to(value.dtype), value], dim=2)  # (b, k, m + L, d)
         keep = read.kv_mask if read.kv_mask is not None else key.new_ones(b, m, dtype=torch.bool)  # (b, m)
@@ -199,12 +209,12 @@ class _LayerBinding:
         mask = _extend_mask(mask, keep, n, length, query.dtype, float_mask=eager)  # (b, 1, n, m + L)
         return _mix(base(module, query, key, value, mask, **kwargs), read, valid)
 
-    def _rotate_memory(self, km: Tensor, position_ids: Tensor | None, n: int, length: int,
+    def _rotate_memory(self, km: Tensor, position_ids: Tensor | None, n: int, c: Any,
                        own: Tensor | None) -> Tensor:
         """Rotary for memory keys ``km`` (b, k, m, d) at the m positions just before the segment's first
-        real key (``own`` (b, L): which of the host's L keys are real tokens; left padding shifts it)."""
+        real token (``own`` (b, c + n): which of the tokens so far, the c cached before this call and
+        its n, are real; left padding shifts it)."""
         b, _, m, _ = km.shape
-        c = length - n  # keys already cached before this call
         first = first_valid(own, b, km.device)  # (b,) index of the first real key among the L
         if position_ids is None:  # positions count from the segment's first key (cached ones included)
             start = first - c  # (b,)
@@ -343,11 +353,17 @@ def _checkpointing(model: nn.Module) -> bool:
     return False
 
 
+def _positional_names(model: nn.Module) -> tuple[str, ...]:
+    """The names of ``model.forward``'s positional parameters, in order (read once, at wrap time)."""
+    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    return tuple(p.name for p in inspect.signature(model.forward).parameters.values() if p.kind in kinds)
+
+
 class _ModelPreHook:
     """A call with a kv cache reads the memory without writing it; ``memory_aux_loss=True`` is ours."""
 
-    def __init__(self, shared: _ModelBinding) -> None:
-        self.shared = shared
+    def __init__(self, shared: _ModelBinding, names: tuple[str, ...]) -> None:
+        self.shared, self.names = shared, names
 
     def __call__(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict]:
         if module.training and _checkpointing(module):
@@ -356,12 +372,18 @@ class _ModelPreHook:
                 "read and write the memory a second time; disable it (activation_checkpointing_disable()) while a "
                 "memory is attached (or train with shorter segments instead)."
             )
-        cache = kwargs.get("cache", kwargs.get("past_key_values"))
-        if cache is None and len(args) > 1 and isinstance(args[1], Cache):
-            cache = args[1]
+        given = {**dict(zip(self.names, args)), **kwargs}  # by name: model(ids, mask) passes the mask by position
+        cache = given.get("cache", given.get("past_key_values"))
         self.shared.incremental = cache is not None
-        mask = kwargs.get("attention_mask")
+        # a static or sliding-window cache hands the layers another number of keys than it has seen tokens
+        cached = cache.get_seq_length() if cache is not None and hasattr(cache, "get_seq_length") else None
+        self.shared.cached = cached.clone() if isinstance(cached, Tensor) else cached  # a static cache's count moves on
+        mask = given.get("attention_mask")
         self.shared.attention_mask = mask if isinstance(mask, Tensor) and mask.dim() == 2 else None
+        self.shared.key_mask = None
+        if isinstance(mask, Tensor) and mask.dim() == 4 and cache is not None:  # generate() with a static cache
+            row = mask[:, 0, -1, :]  # (b, slots) what the newest query may see: every real token so far
+            self.shared.key_mask = row if row.dtype == torch.bool else row > torch.finfo(row.dtype).min / 2
         self.shared.aux_this_call = bool(kwargs.pop("memory_aux_loss", False))
         return args, kwargs
 
@@ -376,7 +398,7 @@ class _ModelPostHook:
         shared = self.shared
         add = shared.aux_in_loss or shared.aux_this_call
         shared.incremental = shared.aux_this_call = False
-        shared.attention_mask = None
+        shared.attention_mask, shared.cached, shared.key_mask = None, None, None
         if not add or not self.hooks or output is None:
             return None
         aux = self.hooks[0].controller.aux_loss()
@@ -471,7 +493,7 @@ class HFAdapter:
         shared = self._shared
         bindings = [self._bindings[t.name] for t in targets]
         handles = [
-            model.register_forward_pre_hook(_ModelPreHook(shared), with_kwargs=True),
+            model.register_forward_pre_hook(_ModelPreHook(shared, _positional_names(model)), with_kwargs=True),
             model.register_forward_hook(_ModelPostHook(shared, hooks), with_kwargs=True, always_call=True),
         ]
         configs = []
