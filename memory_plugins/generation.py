@@ -45,7 +45,9 @@ def generate(
         raise ValueError(f"generate: prompt must be (batch, time) with time >= 1, got shape {tuple(prompt.shape)}")
     if not hasattr(model, "memory_frozen"):
         raise TypeError("generate: pass the model returned by memory_plugins.wrap()")
-    saved = None if write_memory else model.memory_state()
+    # the committed states as they are (a backend never changes a state in place): restored as they were,
+    # with no copy and no check (set_memory_state would refuse, say, a stream whose memory took in a NaN)
+    saved = None if write_memory else list(model.memory.states)
     was_training = model.training
     model.eval()
 
@@ -79,7 +81,7 @@ def generate(
     finally:
         model.train(was_training)
         if saved is not None:
-            model.set_memory_state(saved)
+            model.memory.states = saved
 
 
 def _sample(logits: Tensor, temperature: float, filter_logits: Callable[[Tensor], Tensor] | None) -> Tensor:

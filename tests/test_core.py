@@ -390,6 +390,32 @@ def test_hf_generate_never_writes_the_memory_unless_asked(use_cache: bool) -> No
     assert held == min(N + out.shape[1], SMALL_OPTIONS["xl"]["mem_len"])  # the sequence, written once
 
 
+@pytest.mark.parametrize("memory", MEMORIES)
+def test_segment_wise_generation_restores_the_memory_whatever_it_holds(memory: str) -> None:
+    """generation.generate writes the prompt's complete segments and puts the memory back afterwards, also
+    a memory that took in a NaN (which set_memory_state refuses); the other samples are unaffected."""
+    from memory_plugins.generation import generate
+
+    model = _wrapped(memory, _reference())
+    with torch.no_grad():
+        model(torch.randint(2, V, (2, N)))
+    for state in model.memory.states:  # sample 1's memory took in a NaN
+        for value in state.values():
+            if value.is_floating_point() and value.shape[1:].numel():
+                value[1].view(-1)[0] = float("nan")
+    before = model.memory_state()
+    clean = _wrapped(memory, _reference())
+    clean.set_memory_state({**before, "layers": {k: {n: t[:1] for n, t in s.items()}
+                                                 for k, s in before["layers"].items()}})  # sample 0 alone
+    prompt = torch.randint(2, V, (2, N + 3))
+    out = generate(model, prompt, 2 * N, segment_len=N)
+    after = model.memory_state()
+    for layer, state in before["layers"].items():
+        for key, value in state.items():
+            torch.testing.assert_close(after["layers"][layer][key], value, rtol=0, atol=0, equal_nan=True)
+    assert torch.equal(out[:1], generate(clean, prompt[:1], 2 * N, segment_len=N))
+
+
 @pytest.mark.parametrize("host_name", ["reference", "hf-gpt2"])
 def test_save_pretrained_on_the_wrapped_model_includes_the_memory(host_name: str, tmp_path: Any) -> None:
     host = HOSTS[host_name]()
