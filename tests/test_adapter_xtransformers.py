@@ -310,6 +310,52 @@ def test_refused_configurations_say_why() -> None:
             custom(torch.randint(0, V, (1, N)), pos=torch.arange(N))
     with pytest.raises(TypeError, match="MemoryAttention"):
         mp.wrap(nn.Sequential(nn.Linear(4, 4)), "xl")
+    with pytest.raises(ValueError, match="add_value_residual"):
+        mp.wrap(_net(rotary_pos_emb=True, add_value_residual=True), "xl", mem_len=N)
+    repeated = mp.wrap(_net(rotary_pos_emb=True), "xl", mem_len=N)
+    with torch.no_grad(), pytest.raises(ValueError, match=r"more than once.*\(0, 1, 0, 1\)"):
+        repeated(torch.randint(0, V, (1, N)), layers_execute_order=(0, 1, 0, 1))  # the memory stays as it was
+    assert repeated.memory.states == [None, None]
+
+
+@pytest.mark.parametrize("positions", ["alibi", "rel_pos_bias"])
+def test_left_padding_with_a_relative_bias_is_refused_and_right_padding_streams_as_alone(positions: str) -> None:
+    """The bias is built from the batch's key indices: a left-padded sample would see its memory as many
+    positions away as it has pads. Refused (nothing written); right padding is exact."""
+    wrapped = _wrapped("xl", _net(**POSITIONS[positions]))
+    tokens = torch.randint(0, V, (2, 2 * N))
+    left = torch.ones(2, N, dtype=torch.bool)
+    left[1, :3] = False
+    with torch.no_grad():
+        wrapped(tokens[:, :N])
+        before = wrapped.memory_state()
+        with pytest.raises(NotImplementedError, match="left padding"):
+            wrapped(tokens[:, N:], mask=left)
+        assert _state_close(before, wrapped.memory_state(), tol=0.0)
+        right = left.flip(-1)
+        alone = copy.deepcopy(wrapped)
+        alone.set_memory_state({**before, "layers": {k: {n: t[1:] for n, t in st.items()}
+                                                     for k, st in before["layers"].items()}})
+        padded = wrapped(tokens[:, N:], mask=right)
+        single = alone(tokens[1:, N:][:, right[1]])
+    assert (padded[1][right[1]] - single[0]).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("name", MEMORIES)
+def test_left_padding_by_seq_start_pos_stays_out_of_the_memory_and_keeps_rotary_positions(name: str) -> None:
+    """x-transformers' seq_start_pos masks the pads as keys but counts them in rotary positions: the memory
+    takes the mask as padding and sits just before the first real token."""
+    wrapped = _wrapped(name, _net(rotary_pos_emb=True))
+    tokens = torch.randint(0, V, (2, 2 * N))
+    with torch.no_grad():
+        wrapped(tokens[:, :N])
+        by_start, by_mask = copy.deepcopy(wrapped), copy.deepcopy(wrapped)
+        mask = torch.ones(2, N, dtype=torch.bool)
+        mask[1, :3] = False
+        a = by_start(tokens[:, N:], seq_start_pos=torch.tensor([0, 3]))
+        b = by_mask(tokens[:, N:], mask=mask)
+    assert (a[1, 3:] - b[1, 3:]).abs().max().item() <= 1e-5 and (a[0] - b[0]).abs().max().item() <= 1e-5
+    assert _state_close(by_start.memory_state(), by_mask.memory_state())
 
 
 # -- wrap / unwrap -------------------------------------------------------------------------------------------

@@ -14,7 +14,9 @@ they were): every *self*-attention block of a causal ``AttentionLayers`` stack (
   ``kv_mask`` through the block's key mask (``context_mask`` over [memory ; cache ; segment]). With
   rotary positions it rebuilds ``rotary_pos_emb`` so that the memory sits at positions ``-m … -1``
   before the segment, exactly as x-transformers does for its native ``mems``; with ``rel_pos_bias`` /
-  ALiBi / dynamic bias nothing is needed (the bias is built from the key length).
+  ALiBi / dynamic bias nothing is needed (the bias is built from the key length), but left padding is
+  refused there: the bias's key indices are the batch's, so the pads would sit between a sample's
+  memory and its tokens.
 * a forward hook on the block's ``Attend`` that mixes the memory's per-head ``head_output`` (the kNN
   memory's gated retrieval) into the attention result (b, h, n, d), before head scaling, gates and the
   output projection;
@@ -28,8 +30,9 @@ written: the cache already holds the current segment, the memory holds the segme
 call would otherwise write the prompt into the memory while the cache also holds it).
 
 Refused, with a message: non-causal stacks (Encoder), stacks that run one attention module several
-times per forward (weight tying / ``layers_execute_order`` repeats), hyper-connection residual streams,
-q/k/v from different residuals, multi-latent attention. Refused when a memory hands K/V sources:
+times per forward (weight tying / ``layers_execute_order`` repeats, also per call, or ``repeat_blocks``),
+hyper-connection residual streams, ``add_value_residual``, q/k/v from different residuals, multi-latent
+attention. Refused when a memory hands K/V sources:
 polar positions, CoPE, data-dependent ALiBi, relative-projection bias, custom ``pos`` and native
 ``mems`` (none of them can place memory vectors before the segment). Warned about once: absolute
 position embeddings (the memory keeps the positions of its own segment: not Transformer-XL).
@@ -79,19 +82,23 @@ class _StackCall:
     """What the stack's own forward was called with (set by a pre-hook on the AttentionLayers)."""
 
     user_pos: bool = False  # the caller passed pos=...: the stack's positions are not ours to rebuild
-    seq_start: bool = False  # the caller passed seq_start_pos=...: real tokens already start at position 0
     warned: bool = False  # the absolute-positions warning was given for this stack
 
 
 class _StackPreHook:
     """Forward pre-hook of a stack: note whether the caller chose the positions."""
 
-    def __init__(self, calls: _StackCall) -> None:
-        self.calls = calls
+    def __init__(self, calls: _StackCall, name: str) -> None:
+        self.calls, self.name = calls, name
 
     def __call__(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
         self.calls.user_pos = kwargs.get("pos") is not None
-        self.calls.seq_start = kwargs.get("seq_start_pos") is not None
+        order, blocks = kwargs.get("layers_execute_order"), kwargs.get("repeat_blocks")
+        if blocks is not None and order is None:  # x-transformers' own resolution of the per-call repeats
+            order = xt.resolve_repeat_blocks_to_layer_execute_order(
+                blocks, len(module.layer_types) // module.len_default_block, module.len_default_block)
+        if order is not None:
+            _check_order(self.name, tuple(order), "this call's layers_execute_order / repeat_blocks")
 
 
 # -- finding the blocks ----------------------------------------------------------------------------------
@@ -122,13 +129,22 @@ def _attention_in(block: nn.Module) -> nn.Module:
     raise TypeError(f"x-transformers adapter: no Attention module inside {type(block).__name__}")
 
 
-def _check_stack(name: str, stack: nn.Module) -> None:
-    order = list(stack.layers_execute_order)
+def _check_order(name: str, order: tuple[int, ...], where: str) -> None:
     if len(set(order)) != len(order):
         raise ValueError(
             f"x-transformers adapter: stack {name or '<root>'!r} executes some layers more than once per forward "
-            f"(layers_execute_order={tuple(order)}, e.g. weight_tie_layers=True). A memory belongs to one "
-            "attention call per segment, so repeated layers are not supported."
+            f"({where}: {order}). A memory belongs to one attention call per segment, so repeated layers are "
+            "not supported."
+        )
+
+
+def _check_stack(name: str, stack: nn.Module) -> None:
+    _check_order(name, tuple(stack.layers_execute_order), "layers_execute_order, e.g. weight_tie_layers=True")
+    if getattr(stack, "add_value_residual", False):
+        raise ValueError(
+            f"x-transformers adapter: stack {name or '<root>'!r} uses add_value_residual=True: every layer mixes in "
+            "the first layer's values, which have no entries for the memory's keys (x-transformers' own mems fail "
+            "there too). Build the Decoder without it."
         )
     if getattr(stack, "num_residual_streams", 1) > 1:
         raise ValueError(
@@ -220,6 +236,15 @@ def _refuse_kv(layer: _Layer, kwargs: dict[str, Any]) -> None:
         )
 
 
+def _valid(kwargs: dict[str, Any], n: int) -> Tensor | None:
+    """A block's real tokens among its n new ones (b, n): its padding ``mask``, else the self-attention key
+    mask x-transformers builds from ``seq_start_pos`` (left padding), else None."""
+    pad = kwargs.get("mask")
+    if pad is None:
+        pad = kwargs.get("context_mask")
+    return pad[:, -n:].to(torch.bool) if pad is not None and pad.shape[-1] >= n else None
+
+
 class _PreHook:
     """Forward pre-hook of a block: one memory step, its K/V sources handed to the block's ``mem`` argument."""
 
@@ -235,8 +260,8 @@ class _PreHook:
         b, n, _ = x.shape
         cache = kwargs.get("cache")
         c = cache.cached_kv[0].shape[-2] if cache is not None else 0
+        valid = _valid(kwargs, n)  # (b, n) or None
         pad = kwargs.get("mask")  # (b, n) or (b, c + n) padding mask of the tokens, or None
-        valid = pad[:, -n:].to(torch.bool) if pad is not None else None  # (b, n)
         # Incremental decoding: the cache holds the current segment, so the memory is only read.
         read = memory(x, None, valid, write=cache is None)
         if read is not None and read.head_output is not None:
@@ -258,9 +283,16 @@ class _PreHook:
         kwargs["mem"], kwargs["mem_mask"] = source, None
         kwargs["context_mask"] = memory_key_mask(read.kv_mask, own, b, m, c + n, x.device)  # (b, m + c + n)
         rotary = layer.stack.rotary_pos_emb
+        if own is not None and layer.stack.rel_pos is not None and bool((first_valid(own, b, x.device) > 0).any()):
+            raise NotImplementedError(
+                f"x-transformers adapter: layer {layer.target.name!r}: left padding with a relative position bias "
+                f"({type(layer.stack.rel_pos).__name__}): the bias is built from key indices shared by the batch, "
+                "so a left-padded sample would see the memory as many positions further away as it has pads. "
+                "Pad on the right, or use rotary positions (rotary_pos_emb=True), with a memory that prepends keys.")
         if rotary is not None and kwargs.get("rotary_pos_emb") is not None:
-            # memory just before the first real token (left padding keeps its own positions here)
-            start = first_valid(own, b, x.device) if own is not None and not layer.calls.seq_start else \
+            # memory just before the first real token (x-transformers' rotary positions count the pads too,
+            # seq_start_pos or not)
+            start = first_valid(own, b, x.device) if own is not None else \
                 torch.zeros(b, dtype=torch.long, device=x.device)  # (b,)
             own_pos = torch.arange(c + n, device=x.device).expand(b, c + n)  # (b, c + n)
             kwargs["rotary_pos_emb"] = rotary(torch.cat([memory_positions(m, start), own_pos], dim=1))  # (b, m + c + n)
@@ -296,8 +328,7 @@ class _PostHook:
         if read is None or read.output is None:
             return None
         out = output[0] if isinstance(output, tuple) else output  # (b, n, e)
-        mask = kwargs.get("mask")
-        valid = mask[:, -out.shape[1]:] if mask is not None and kwargs.get("cache") is None else None
+        valid = _valid(kwargs, out.shape[1]) if kwargs.get("cache") is None else None
         out = add_output(out, read, valid)  # the block zeroes padded positions; so do we
         return (out, *output[1:]) if isinstance(output, tuple) else out
 
@@ -327,11 +358,11 @@ class XTransformersAdapter:
 
     def find(self, model: nn.Module, targets: Sequence[str] | None) -> list[Target]:
         found: dict[str, _Layer] = {}
-        self._stacks: list[tuple[nn.Module, _StackCall]] = []
+        self._stacks: list[tuple[str, nn.Module, _StackCall]] = []
         for stack_name, stack, wrapper in _stacks(model):
             _check_stack(stack_name, stack)
             calls = _StackCall()
-            self._stacks.append((stack, calls))
+            self._stacks.append((stack_name, stack, calls))
             prefix = f"{stack_name}." if stack_name else ""
             names = {id(m): n for n, m in stack.named_modules()}
             for i, kind in enumerate(stack.layer_types):
@@ -354,8 +385,8 @@ class XTransformersAdapter:
         layers = [self._layers[t.name] for t in targets]
         used = {id(layer.calls) for layer in layers}
         handles = [
-            stack.register_forward_pre_hook(_StackPreHook(calls), with_kwargs=True)
-            for stack, calls in self._stacks
+            stack.register_forward_pre_hook(_StackPreHook(calls, stack_name), with_kwargs=True)
+            for stack_name, stack, calls in self._stacks
             if id(calls) in used
         ]
         for layer, memory in zip(layers, hooks):
