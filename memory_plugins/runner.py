@@ -161,7 +161,7 @@ class SegmentRunner:
                     token_losses = [x.detach() for x in token_losses]
                     aux_terms = [x.detach() for x in aux_terms]
                     window = []
-                if self.bptt_segments > 1 and has_memory:
+                if has_memory:  # the window's end: no gradient into earlier ones (a detach=False memory holds one)
                     self.model.detach_memory()
 
         token_loss = torch.cat(token_losses, dim=1)  # (b, T')

@@ -122,12 +122,26 @@ def test_grad_segments_train_the_mean_loss_of_those_segments() -> None:
         assert all((g - r).abs().max() <= 1e-6 * (1 + r.abs().max()) for g, r in zip(grads(how), ref)), how
 
 
-def _early_embedding_grad(bptt: int, tokens: torch.Tensor, base: ReferenceDecoder) -> torch.Tensor:
-    """Gradient of the last segment's loss on the embeddings of tokens 0..9 (seen only in segment 1)."""
-    wrapped = mp.wrap(copy.deepcopy(base), "xl", mem_len=48, detach=bptt == 1)
-    out = mp.SegmentRunner(wrapped, segment_len=16, bptt_segments=bptt)(tokens)
-    out.token_loss[:, 32:].sum().backward()
+def _early_embedding_grad(bptt: int, tokens: torch.Tensor, base: ReferenceDecoder, detach: bool | None = None,
+                          backward: bool = False) -> torch.Tensor:
+    """Gradient of the last segment's loss on the embeddings of tokens 0..9 (seen only in segment 1);
+    with ``backward`` the runner's own backward of every window's loss."""
+    wrapped = mp.wrap(copy.deepcopy(base), "xl", mem_len=48, detach=bptt == 1 if detach is None else detach)
+    out = mp.SegmentRunner(wrapped, segment_len=16, bptt_segments=bptt)(tokens, backward=backward)
+    if not backward:
+        out.token_loss[:, 32:].sum().backward()
     return wrapped.model.embed.weight.grad[:10]
+
+
+def test_a_window_of_one_segment_stops_the_gradient_of_a_memory_that_keeps_it() -> None:
+    """bptt_segments=1 (the default) is the paper's stop-gradient between segments also for a memory
+    built with detach=False: the runner cuts the graph at every window's end."""
+    base = _model()
+    tokens = torch.cat([torch.randint(0, 10, (2, 16)), torch.randint(10, 29, (2, 33))], dim=1)
+    assert _early_embedding_grad(1, tokens, base, detach=False).abs().sum() == 0
+    # each window's own backward: no "backward through the graph a second time", the detached memory's gradients
+    kept, detached = (_early_embedding_grad(1, tokens, base, detach=d, backward=True) for d in (False, True))
+    assert torch.equal(kept, detached)
 
 
 def test_truncated_bptt_window_controls_how_far_gradients_reach() -> None:
