@@ -162,6 +162,20 @@ def test_evaluation_stores_each_nll_at_its_position_in_the_document() -> None:
     assert s[">8k"]["ppl"] == pytest.approx(math.exp(float(nll[0][8192:].mean())))
 
 
+@pytest.mark.parametrize("memory", [m for m in ALL_MEMORIES if m != "none"])
+def test_a_validation_point_leaves_the_training_lanes_memory_as_it_was(memory: str) -> None:
+    """Validation during training streams its own documents; the training lanes then go on mid-document
+    with the memory they had (emptied, they would be reset where no document starts)."""
+    model = _model(memory)
+    with torch.no_grad():
+        model(torch.randint(1, V, (TINY.batch, TINY.seg_len)))
+    before = model.memory_state()
+    evaluate(model, [_doc("a", 40, 1), _doc("b", 30, 2), _doc("c", 20, 3)], TINY, torch.device("cpu"), BOS)
+    after = model.memory_state()
+    for layer, state in before["layers"].items():
+        assert state is not None and all(torch.equal(state[k], after["layers"][layer][k]) for k in state), layer
+
+
 def test_paired_difference_is_exact_and_signed() -> None:
     sums_a = torch.tensor([[10.0, 4.0, 0.0, 0.0], [8.0, 0.0, 0.0, 0.0]], dtype=torch.float64)
     sums_b = sums_a + 1.0

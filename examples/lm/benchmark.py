@@ -258,7 +258,8 @@ def evaluate(model: nn.Module, docs: list[Document], preset: Preset, device: tor
     order = sorted(range(len(docs)), key=lambda i: (-docs[i].tokens.numel(), i))  # longest first: lanes end together
     stream = DocumentStream([docs[i] for i in order], preset.eval_batch, preset.seg_len, bos=bos, short="keep")
     nll = [torch.full((docs[i].tokens.numel(),), math.nan, dtype=torch.float64) for i in order]
-    if isinstance(model, mp.MemoryModel):
+    training_stream = model.memory_state() if isinstance(model, mp.MemoryModel) else None  # put back afterwards
+    if training_stream is not None:
         model.reset_memory()
     for seg in stream:
         seg = seg.to(device)
@@ -272,8 +273,9 @@ def evaluate(model: nn.Module, docs: list[Document], preset: Preset, device: tor
             k = int(valid[b].sum())  # valid targets form a prefix of the lane
             # with bos, target j of a segment at offset p is document token p + j
             nll[d][offset[b] : offset[b] + k] = tl[b, :k]
-    if isinstance(model, mp.MemoryModel):
+    if training_stream is not None:  # the training lanes go on mid-document with the memory they had
         model.reset_memory()
+        model.set_memory_state(training_stream)
     model.train(was_training)
     out = [torch.empty(0)] * len(docs)
     for pos, i in enumerate(order):
@@ -587,12 +589,10 @@ def train_one(preset_name: str, preset: Preset, memory: str, corpus: Corpus, see
         done = step + 1
         if done in eval_at:
             train_seconds += time.perf_counter() - t0
-            if launch.is_main:  # the others wait, then empty their memories as evaluate() empties rank 0's
+            if launch.is_main:  # the others wait; evaluate() puts rank 0's training memory back
                 v = ppl_of(evaluate(model, valid_docs, preset, device, corpus.bos))
                 curve.append({"step": done, "train_loss": sum(losses) / len(losses), "valid_ppl": v})
             distributed.barrier(launch)
-            if wrapped and not launch.is_main:
-                model.reset_memory()
             t0 = time.perf_counter()
         if done % preset.checkpoint_every == 0 or done in eval_at:
             elapsed = train_seconds + time.perf_counter() - t0
