@@ -14,6 +14,7 @@ from typing import Any, Iterator
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 import memory_plugins as mp
@@ -235,3 +236,60 @@ def test_resuming_from_a_checkpoint_equals_the_uninterrupted_run(tmp_path) -> No
         assert state is not None and restored is not None and state.keys() == restored.keys()
         for key in state:
             assert torch.equal(state[key], restored[key]), (name, key)
+
+
+def test_load_best_model_at_end_takes_the_memorys_weights_from_the_best_checkpoint_too(tmp_path) -> None:
+    from safetensors.torch import load_file
+
+    torch.manual_seed(0)
+    model = _wrapped("continuous")
+    data = SegmentDataset(_chain_documents(8), B, N, train=True, bos=0)
+    held_out = SegmentDataset(_chain_documents(2, seed=5), B, N, bos=0)
+    # the worst evaluation is "best" (greater_is_better on a loss): an early checkpoint, not the last
+    args = _args(tmp_path, max_steps=6, learning_rate=5e-2, eval_strategy="steps", eval_steps=2, save_strategy="steps",
+                 save_steps=2, load_best_model_at_end=True, metric_for_best_model="eval_loss", greater_is_better=True)
+    trainer = MemoryTrainer(model=model, args=args, train_dataset=data, eval_dataset=held_out)
+    trainer.train()
+    best = trainer.state.best_model_checkpoint
+    assert best is not None and not best.endswith("checkpoint-6")
+    saved, last = load_file(f"{best}/memory.safetensors"), load_file(f"{tmp_path}/out/checkpoint-6/memory.safetensors")
+    assert any(not torch.equal(saved[k], last[k]) for k in saved)  # the memory's weights moved after the best one
+    for key, value in model.memory.state_dict().items():
+        assert torch.equal(value.cpu(), saved[key]), key
+
+
+def test_a_compiled_wrapped_model_trains_as_the_eager_one(tmp_path) -> None:
+    """torch_compile=True (or a model compiled by the user) hands Trainer a compiled module around the
+    wrapped model: MemoryTrainer finds the wrapped model inside it."""
+    losses = {}
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        model = _wrapped("xl")
+        data = SegmentDataset(_chain_documents(4), B, N, train=True, bos=0)
+        args = _args(tmp_path / str(compiled), max_steps=3, logging_steps=1, torch_compile=compiled,
+                     torch_compile_backend="eager")  # dynamo's capture without inductor's codegen: seconds
+        trainer = MemoryTrainer(model=model, args=args, train_dataset=data)
+        trainer.train()
+        losses[compiled] = [log["loss"] for log in trainer.state.log_history if "loss" in log]
+    assert len(losses[True]) == 3
+    assert losses[True] == pytest.approx(losses[False], rel=1e-4)
+
+
+def test_the_evaluation_loss_is_the_mean_of_each_batchs_token_mean(tmp_path) -> None:
+    """A causal LM scores labels[..., 1:]: each segment of n labels has n - 1 targets, and the loss of a
+    batch is its targets' mean (GPT-2 names no loss type, from which Trainer would have counted n)."""
+    torch.manual_seed(0)
+    model = _wrapped("xl")
+    docs = _chain_documents(3)
+    data = SegmentDataset(docs, B, N, bos=0)
+    reported = MemoryTrainer(model=model, args=_args(tmp_path), eval_dataset=data).evaluate()["eval_loss"]
+    means = []
+    model.eval()
+    model.reset_memory()
+    with torch.no_grad():
+        for batch in data.batches():
+            model.reset_memory(batch.pop("doc_start"))
+            labels = batch.pop("labels")
+            logits = model(**batch).logits  # (b, n, V)
+            means.append(F.cross_entropy(logits[:, :-1].transpose(1, 2), labels[:, 1:], ignore_index=-100).item())
+    assert reported == pytest.approx(sum(means) / len(means), rel=1e-5)

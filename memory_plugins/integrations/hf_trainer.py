@@ -55,7 +55,8 @@ from torch import Tensor
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
 from memory_plugins.data import IGNORE, Document, DocumentStream, Segment
-from memory_plugins.model import MEMORY_CONFIG, MEMORY_STATE, MemoryModel, _read_memory_files, _write_state_file
+from memory_plugins.model import (MEMORY_CONFIG, MEMORY_STATE, MEMORY_WEIGHTS, MemoryModel, _load_tensors,
+                                   _read_memory_files, _write_state_file)
 
 SEGMENT_KEYS = ("doc_start", "lane", "step")  # what MemoryTrainer takes out of a batch before the forward
 RANK_MEMORY_STATE = "memory_state_{}.safetensors"  # process r's stream state in a checkpoint of several processes
@@ -210,6 +211,7 @@ class _StepOrder:
 
 def _memory_model(trainer: Any, model: Any) -> MemoryModel:
     inner = trainer.accelerator.unwrap_model(model)
+    inner = getattr(inner, "_orig_mod", inner)  # compiled (torch_compile=True, or by the user): the model inside
     if not isinstance(inner, MemoryModel):
         raise TypeError(f"MemoryTrainer trains a model wrapped by memory_plugins.wrap(), got {type(inner).__name__}")
     return inner
@@ -241,6 +243,12 @@ def _trainer_class() -> type:
             if self.args.label_names is None:  # Trainer read them from the wrapper's class; the base's are meant
                 self.label_names = find_labels(type(base))
                 self.can_return_loss = can_return_loss(type(base))
+            if hasattr(self, "_loss_shifts_labels") and hasattr(base, "lm_head") and \
+                    not getattr(getattr(base, "config", None), "is_encoder_decoder", False):
+                # a causal LM head scores labels[..., 1:]: Trainer counts the loss's tokens so only where the
+                # model names its loss type, and GPT-2 does not (every row of a SegmentDataset would count one
+                # token too many: a loss 1/n too low)
+                self._loss_shifts_labels = True
             self._order = _StepOrder()
 
         def _build_accelerator_args(self, **kwargs: Any) -> dict[str, Any]:
@@ -378,6 +386,18 @@ def _trainer_class() -> type:
                 folder = Path(self._get_output_dir(trial=trial)) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
                 _write_state_file(_memory_model(self, self.model),
                                   folder / RANK_MEMORY_STATE.format(self.args.process_index))
+
+        def _load_best_model(self) -> None:
+            """Trainer loads the best checkpoint's base weights (``model.safetensors``, not strict, so the
+            memory's keys, saved beside it, go unnoticed); the memory's weights come from the same checkpoint.
+            The stream state stays the current one."""
+            super()._load_best_model()
+            best = self.state.best_model_checkpoint
+            if best is None or not (Path(best) / MEMORY_WEIGHTS).exists():
+                return
+            memory = _memory_model(self, self.model).memory
+            p = next(memory.parameters(), None)
+            memory.load_state_dict(_load_tensors(Path(best) / MEMORY_WEIGHTS, p.device if p is not None else "cpu"))
 
         def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
             super()._load_from_checkpoint(resume_from_checkpoint, model)
