@@ -10,6 +10,11 @@ import math
 from dataclasses import dataclass, fields
 from typing import Any, ClassVar
 
+#: ``field`` metadata of an option that cannot change a memory state (a loss weight, the read's
+#: implementation, an initialisation): a stream saved under another value resumes with ``strict=True``.
+#: States saved before this rule (2026-11-28) hashed it, and are accepted by that older fingerprint too.
+NOT_STATE = {"fingerprint": False, "legacy_fingerprint": True}
+
 
 @dataclass
 class MemoryConfig:

@@ -65,14 +65,15 @@ class MemoryHook:
 LayerMemory = MemoryHook  # name of 0.1
 
 
-def config_fingerprint(config: Any) -> str:
+def config_fingerprint(config: Any, *, legacy: bool = False) -> str:
     """A short hash of a memory config's name and options: states are only valid for the same one.
 
     An option added in a later version (``metadata={"fingerprint_if_set": True}``) counts only when it
     differs from its default, so that states saved before it existed keep their fingerprint. An option
-    that cannot change a state (``metadata={"fingerprint": False}``: a cache size) never counts."""
+    that cannot change a state (``metadata={"fingerprint": False}``: a cache size, a loss weight) never
+    counts; ``legacy`` counts those that states saved before 2026-11-28 hashed (``config.NOT_STATE``)."""
     options = {f.name: getattr(config, f.name) for f in fields(config)
-               if f.metadata.get("fingerprint", True)
+               if (f.metadata.get("fingerprint", True) or legacy and f.metadata.get("legacy_fingerprint"))
                and not (f.metadata.get("fingerprint_if_set") and getattr(config, f.name) == f.default)}
     text = json.dumps({"memory": type(config).name, "options": options}, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
@@ -95,6 +96,8 @@ class MemoryController(nn.Module):
         self.config = config
         self.memory_name = type(config).name if config is not None else ""
         self.fingerprint = config_fingerprint(config) if config is not None else ""
+        # what a state may carry: this fingerprint, or the one states saved before NOT_STATE hashed
+        self.accepted = {self.fingerprint, config_fingerprint(config, legacy=True) if config is not None else ""}
         self.states: list[MemoryState | None] = [None] * len(backends)  # committed
         self.staged: dict[int, MemoryState] = {}
         self.reads: dict[int, MemoryRead] = {}
@@ -123,6 +126,7 @@ class MemoryController(nn.Module):
 
     def __setstate__(self, state: dict) -> None:
         state = {"commit_deferred": False, "expand_for_generation": False, "expanded": {}, **state}  # pickled before 0.2's last fixes
+        state.setdefault("accepted", {state.get("fingerprint", "")})
         super().__setstate__(state)
 
     def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> "MemoryController":
@@ -300,7 +304,7 @@ class MemoryController(nn.Module):
                 raise ValueError(f"set_memory_state: state format {fmt!r} is not supported (expected {STATE_FORMAT})")
             if name != self.memory_name:
                 raise ValueError(f"set_memory_state: the state is of memory {name!r}, this model has {self.memory_name!r}")
-            if strict and fp != self.fingerprint:
+            if strict and fp not in self.accepted:
                 raise ValueError(
                     f"set_memory_state: the state was saved under other options of memory {name!r} (config fingerprint "
                     f"{fp} vs this model's {self.fingerprint}); pass strict=False to load it anyway")

@@ -316,6 +316,25 @@ def test_a_state_of_other_options_is_refused_with_the_reason() -> None:
         _filled("xl").set_memory_state(small.memory_state())
 
 
+@pytest.mark.parametrize("memory, option, value", [
+    ("continuous", "kl_weight", 1e-2), ("continuous", "read_impl", "dense"), ("continuous", "kl_reduction", "mean"),
+    ("compressive", "recon_weight", 0.5), ("knn", "top_k", 1)])
+def test_a_state_resumes_strictly_under_an_option_that_cannot_change_it(memory: str, option: str, value: Any) -> None:
+    """A loss weight or the read's implementation does not make a stream another one: the state loads with
+    strict=True, and so does one saved before such options left the fingerprint (its older hash)."""
+    from memory_plugins.controller import config_fingerprint
+
+    saved = _filled(memory).memory_state()
+    other = _filled(memory, **{option: value})
+    assert other.memory.fingerprint == saved["fingerprint"]
+    other.set_memory_state(saved)  # strict
+    older = config_fingerprint(_filled(memory).memory.config, legacy=True)  # what the saving model wrote before
+    assert older != saved["fingerprint"]
+    _filled(memory).set_memory_state({**saved, "fingerprint": older})
+    with pytest.raises(ValueError, match="other options"):  # the older hash counted the option: another value is refused
+        other.set_memory_state({**saved, "fingerprint": older})
+
+
 @pytest.mark.parametrize("memory", MEMORIES)
 def test_a_float32_state_restored_into_a_bf16_model_works(memory: str) -> None:
     model = _filled(memory)

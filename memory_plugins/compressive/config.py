@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
-from ..config import MemoryConfig, check_choice, check_float, check_int
+from ..config import NOT_STATE, MemoryConfig, check_choice, check_float, check_int
 
 
 @dataclass
@@ -38,7 +38,7 @@ class CompressiveConfig(MemoryConfig):
     cmem_len: int = 512
     compression_rate: int = 4
     compression: str = "conv"
-    recon_weight: float = 1.0
+    recon_weight: float = field(default=1.0, metadata=NOT_STATE)
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -6,7 +6,7 @@ import math
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-from ..config import MemoryConfig, check_bool, check_choice, check_float, check_int
+from ..config import NOT_STATE, MemoryConfig, check_bool, check_choice, check_float, check_int
 
 
 @dataclass
@@ -88,13 +88,13 @@ class ContinuousConfig(MemoryConfig):
     sticky_sampling: str = "quantile"
     sticky_seed: int = field(default=0, metadata={"fingerprint_if_set": True})  # new in 0.3: old states load
     stm_len: int = 0
-    kl_weight: float = 1e-5
-    kl_reduction: str = "paper"
-    sigma_0: float = 0.05
-    sigma2_min: float = 1e-6
-    mu_prior: float | None = None
-    zero_init_output: bool = True
-    read_impl: str = "sdpa"
+    kl_weight: float = field(default=1e-5, metadata=NOT_STATE)
+    kl_reduction: str = field(default="paper", metadata=NOT_STATE)
+    sigma_0: float = field(default=0.05, metadata=NOT_STATE)
+    sigma2_min: float = 1e-6  # (moves μ, σ², so the sticky histogram)
+    mu_prior: float | None = field(default=None, metadata=NOT_STATE)
+    zero_init_output: bool = field(default=True, metadata=NOT_STATE)
+    read_impl: str = field(default="sdpa", metadata=NOT_STATE)
     fit_cache_mib: float = field(default=256.0, metadata={"fingerprint": False})
 
     def __post_init__(self) -> None:

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
-from ..config import MemoryConfig, check_int
+from ..config import NOT_STATE, MemoryConfig, check_int
 
 
 @dataclass
@@ -20,7 +20,7 @@ class KNNConfig(MemoryConfig):
 
     name: ClassVar[str] = "knn"
     store_len: int = 4096
-    top_k: int = 32
+    top_k: int = field(default=32, metadata=NOT_STATE)
 
     def __post_init__(self) -> None:
         super().__post_init__()
