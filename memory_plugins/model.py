@@ -293,12 +293,12 @@ def _write_state_file(model: MemoryModel, path: Path) -> None:
 
 
 def _read_memory_files(model: MemoryModel, directory: Path, device: torch.device,
-                       state_file: str = MEMORY_STATE) -> None:
-    """The memory weights and, if saved, the stream state (``state_file``) in ``directory`` onto
-    ``device``: what ``save_pretrained`` wrote (and, in a Trainer checkpoint of several processes,
-    each process's own state file)."""
+                       state_file: str | None = MEMORY_STATE) -> None:
+    """The memory weights and, if saved, the stream state (``state_file``; None: the weights only) in
+    ``directory`` onto ``device``: what ``save_pretrained`` wrote (and, in a Trainer checkpoint of
+    several processes, each process's own state file)."""
     model.memory.load_state_dict(_load_tensors(directory / MEMORY_WEIGHTS, device), strict=True)
-    if (directory / state_file).exists():
+    if state_file is not None and (directory / state_file).exists():
         _read_state_file(model, directory / state_file, device)
 
 

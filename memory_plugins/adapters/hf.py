@@ -195,12 +195,12 @@ class _LayerBinding:
         m = source.shape[1]
         km, vm = self.proj.kv_heads(source)  # (b, k, m, d)
         if rotary:  # the 2-D mask spans every token so far (cached + this call's), whatever keys the cache hands over
-            own = padding.to(torch.bool) if padding is not None and padding.shape[-1] >= n else None  # (b, T)
-            cached = self.model.cached if self.model.cached is not None else length - n
-            if own is not None:
+            if padding is not None and padding.shape[-1] >= n:
+                own = padding.to(torch.bool)  # (b, T)
                 cached = own.shape[-1] - n
-            elif self.model.key_mask is not None:  # a static cache's slots hold the tokens in order
-                own = self.model.key_mask.to(km.device)  # (b, slots)
+            else:  # the cache's own count; a static cache's slots hold the tokens in order (key_mask: left padding)
+                own = self.model.key_mask.to(km.device) if self.model.key_mask is not None else None  # (b, slots)
+                cached = self.model.cached if self.model.cached is not None else length - n
             km = self._rotate_memory(km, kwargs.get("position_ids"), n, cached, own)
         key = torch.cat([km.to(key.dtype), key], dim=2)  # (b, k, m + L, d)
         value = torch.cat([vm.to(value.dtype), value], dim=2)  # (b, k, m + L, d)

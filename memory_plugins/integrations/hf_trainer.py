@@ -55,8 +55,8 @@ from torch import Tensor
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
 from memory_plugins.data import IGNORE, Document, DocumentStream, Segment
-from memory_plugins.model import (MEMORY_CONFIG, MEMORY_STATE, MEMORY_WEIGHTS, MemoryModel, _load_tensors,
-                                   _read_memory_files, _write_state_file)
+from memory_plugins.model import (MEMORY_CONFIG, MEMORY_STATE, MEMORY_WEIGHTS, MemoryModel, _read_memory_files,
+                                   _write_state_file)
 
 SEGMENT_KEYS = ("doc_start", "lane", "step")  # what MemoryTrainer takes out of a batch before the forward
 RANK_MEMORY_STATE = "memory_state_{}.safetensors"  # process r's stream state in a checkpoint of several processes
@@ -217,9 +217,9 @@ def _memory_model(trainer: Any, model: Any) -> MemoryModel:
     return inner
 
 
-def _load_memory(model: MemoryModel, directory: Path, state_file: str = MEMORY_STATE) -> None:
-    """Memory weights and, if saved, the stream state (``state_file``) of a checkpoint, onto the
-    memory's device."""
+def _load_memory(model: MemoryModel, directory: Path, state_file: str | None = MEMORY_STATE) -> None:
+    """Memory weights and, if saved, the stream state (``state_file``; None: the weights only) of a
+    checkpoint, onto the memory's device."""
     p = next(model.memory.parameters(), None)
     _read_memory_files(model, directory, p.device if p is not None else torch.device("cpu"), state_file)
 
@@ -393,11 +393,8 @@ def _trainer_class() -> type:
             The stream state stays the current one."""
             super()._load_best_model()
             best = self.state.best_model_checkpoint
-            if best is None or not (Path(best) / MEMORY_WEIGHTS).exists():
-                return
-            memory = _memory_model(self, self.model).memory
-            p = next(memory.parameters(), None)
-            memory.load_state_dict(_load_tensors(Path(best) / MEMORY_WEIGHTS, p.device if p is not None else "cpu"))
+            if best is not None and (Path(best) / MEMORY_WEIGHTS).exists():
+                _load_memory(_memory_model(self, self.model), Path(best), state_file=None)
 
         def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
             super()._load_from_checkpoint(resume_from_checkpoint, model)
