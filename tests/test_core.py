@@ -109,6 +109,13 @@ def _segments(x: Tensor) -> list[Tensor]:
     return [x[:, s : s + N] for s in range(0, x.shape[1], N)]
 
 
+def _states_equal(before: dict, after: dict) -> bool:
+    """Two ``memory_state()`` results hold the same layers, keys and tensors, bit for bit."""
+    return before["layers"].keys() == after["layers"].keys() and all(
+        state.keys() == after["layers"][layer].keys() and all(torch.equal(state[k], after["layers"][layer][k]) for k in state)
+        for layer, state in before["layers"].items())
+
+
 # -- padding -----------------------------------------------------------------------------------------
 @pytest.mark.parametrize("side", ["left", "right"])
 @pytest.mark.parametrize("memory", MEMORIES)
@@ -164,20 +171,10 @@ def test_a_failed_forward_changes_nothing_and_a_retry_equals_a_clean_run(host_na
         with pytest.raises(error):
             host.run(model, segs[3], None)
         handle.remove()
-        after = model.memory_state()
-        assert before["layers"].keys() == after["layers"].keys()
-        for layer, state in before["layers"].items():
-            assert state.keys() == after["layers"][layer].keys()
-            assert all(torch.equal(state[k], after["layers"][layer][k]) for k in state), layer
+        assert _states_equal(before, model.memory_state())
         assert not model.memory.reads and not model.memory.staged  # no stale read survives the failure
         for seg in segs[3:]:  # the retry and what follows equal the run that never failed
             assert torch.equal(host.run(model, seg, None), host.run(clean, seg, None))
-
-
-def _states_equal(before: dict, after: dict) -> bool:
-    return before["layers"].keys() == after["layers"].keys() and all(
-        state.keys() == after["layers"][layer].keys() and all(torch.equal(state[k], after["layers"][layer][k]) for k in state)
-        for layer, state in before["layers"].items())
 
 
 @pytest.mark.parametrize("error", [_Boom, KeyboardInterrupt])
@@ -300,9 +297,7 @@ def test_set_memory_state_refuses_what_does_not_fit_and_names_it(memory: str) ->
             continue
         with pytest.raises(ValueError, match=message):
             model.set_memory_state(state)
-        after = model.memory_state()  # a refused state changes nothing
-        assert all(torch.equal(before["layers"][l][k], after["layers"][l][k]) for l in before["layers"]
-                   for k in before["layers"][l]), name
+        assert _states_equal(before, model.memory_state()), name  # a refused state changes nothing
     model.set_memory_state(edited(lambda s: s.__setitem__("fingerprint", "0" * 16)), strict=False)
 
 
@@ -401,9 +396,7 @@ def test_hf_generate_never_writes_the_memory_unless_asked(use_cache: bool) -> No
     before = model.memory_state()
     prompt = torch.randint(2, V, (2, 4))
     out = model.generate(prompt, max_new_tokens=5, do_sample=False, use_cache=use_cache, pad_token_id=1)
-    after = model.memory_state()
-    assert all(torch.equal(before["layers"][l][k], after["layers"][l][k]) for l in before["layers"]
-               for k in before["layers"][l])
+    assert _states_equal(before, model.memory_state())
     model.generate(prompt, max_new_tokens=5, do_sample=False, use_cache=use_cache, pad_token_id=1, write_memory=True)
     held = model.memory_state()["layers"]["transformer.h.0.attn"]["mem"].shape[1]
     assert held == min(N + out.shape[1], SMALL_OPTIONS["xl"]["mem_len"])  # the sequence, written once
