@@ -498,3 +498,44 @@ def test_gpt2_cross_attention_is_not_a_target() -> None:
         first = wrapped(seg, encoder_hidden_states=context).logits
         with wrapped.memory_disabled():
             assert torch.equal(wrapped(seg, encoder_hidden_states=context).logits, first)
+
+
+@pytest.mark.parametrize("name", MEMORIES)
+@pytest.mark.parametrize("host", ["gpt2", "llama"])
+def test_the_backbone_called_on_its_own_keeps_the_padding_out_and_writes_as_the_model_does(host: str, name: str) -> None:
+    """``wrapped.model.base_model(ids, attention_mask=...)`` (hidden states without the LM head) is a segment
+    like a call of the model: the same memory afterwards, padding left out."""
+    through_model = _wrapped(name, _host(host))
+    through_backbone, unmasked = copy.deepcopy(through_model), copy.deepcopy(through_model)
+    segs = torch.randint(2, V, (2, 2, N))
+    mask = torch.ones(2, N, dtype=torch.long)
+    mask[1, :3] = 0  # left padding in sample 1
+    with torch.no_grad():
+        for seg in segs:  # the second segment reads what the first wrote
+            expected = through_model(seg, attention_mask=mask, output_hidden_states=True).hidden_states[-1]  # (b, n, e)
+            hidden = through_backbone.model.base_model(seg, attention_mask=mask).last_hidden_state  # (b, n, e)
+            unmasked.model.base_model(seg)
+    assert torch.equal(hidden[mask.bool()], expected[mask.bool()])
+    assert _state_close(through_backbone.memory_state(), through_model.memory_state(), tol=0.0)
+    assert not _state_close(through_backbone.memory_state(), unmasked.memory_state())
+
+
+@pytest.mark.parametrize("name", MEMORIES)
+def test_a_backbone_call_that_fails_changes_no_memory(name: str) -> None:
+    """The backbone called on its own is one transaction: a failure in its last layer keeps nothing that its
+    first layers staged, and the next call runs as if the failed one never happened."""
+    wrapped = _wrapped(name, _host("llama"))
+    backbone = wrapped.model.base_model
+    seg = torch.randint(2, V, (2, N))
+    with torch.no_grad():
+        backbone(seg)
+        before = copy.deepcopy(wrapped.memory_state())
+        handle = backbone.layers[-1].register_forward_hook(lambda *_: (_ for _ in ()).throw(RuntimeError("boom")))
+        with pytest.raises(RuntimeError, match="boom"):
+            backbone(torch.randint(2, V, (2, N)))
+        handle.remove()
+        assert _state_close(wrapped.memory_state(), before, tol=0.0)
+        reference = copy.deepcopy(wrapped)
+        backbone(seg)
+        reference.model.base_model(seg)
+    assert _state_close(wrapped.memory_state(), reference.memory_state(), tol=0.0)

@@ -23,7 +23,10 @@ holds those tokens. The prefill call that builds the cache has none, so it write
 a user's own incremental decoding runs it under ``memory_frozen()`` too, as ``MemoryModel.generate``
 does (else the cached steps see the prompt twice, in the memory and in the cache), and writes the
 finished segment afterwards with one forward. Where asked (:func:`include_memory_aux_loss`, or
-``memory_aux_loss=True`` in the call), the memory's aux loss is added to ``output.loss``.
+``memory_aux_loss=True`` in the call), the memory's aux loss is added to ``output.loss``. The backbone
+(``model.base_model``: GPT-2's ``transformer``, Llama's ``model``) gets the same pre-hook work when it is
+called on its own (hidden states without the head): its mask and cache count, and the call is one
+transaction of the memory (committed when it returns, nothing kept if it raises).
 
 GPT-2 has absolute position embeddings. Decision: each segment keeps positions ``0 … n-1`` (so with an
 empty or disabled memory the model is exactly the base model), and memory vectors keep the position
@@ -148,6 +151,8 @@ class _ModelBinding:
     key_mask: Tensor | None = None  # (b, slots) real tokens among a static cache's slots, from a 4-D mask
     aux_in_loss: bool = False  # add the memory aux loss to output.loss (include_memory_aux_loss)
     aux_this_call: bool = False  # memory_aux_loss=True in the current call
+    outer: bool = False  # inside a call of the model (its pre-hook ran, its post-hook not yet)
+    direct: bool = False  # inside a call of the backbone on its own (see _BackbonePreHook)
     warned: bool = False
 
 
@@ -359,6 +364,37 @@ def _positional_names(model: nn.Module) -> tuple[str, ...]:
     return tuple(p.name for p in inspect.signature(model.forward).parameters.values() if p.kind in kinds)
 
 
+def _refuse_checkpointing(module: nn.Module) -> None:
+    if module.training and _checkpointing(module):
+        raise NotImplementedError(
+            "memory_plugins: gradient checkpointing re-runs the attention layers during backward, which would "
+            "read and write the memory a second time; disable it (activation_checkpointing_disable()) while a "
+            "memory is attached (or train with shorter segments instead)."
+        )
+
+
+def _capture(shared: _ModelBinding, names: tuple[str, ...], args: tuple, kwargs: dict[str, Any]) -> None:
+    """What the layers of this call need from its arguments: whether it has a kv cache (read only), the
+    cache's count, and the padding mask (2-D; or a static cache's key mask from a 4-D one)."""
+    given = {**dict(zip(names, args)), **kwargs}  # by name: model(ids, mask) passes the mask by position
+    cache = given.get("cache", given.get("past_key_values"))
+    shared.incremental = cache is not None
+    # a static or sliding-window cache hands the layers another number of keys than it has seen tokens
+    cached = cache.get_seq_length() if cache is not None and hasattr(cache, "get_seq_length") else None
+    shared.cached = cached.clone() if isinstance(cached, Tensor) else cached  # a static cache's count moves on
+    mask = given.get("attention_mask")
+    shared.attention_mask = mask if isinstance(mask, Tensor) and mask.dim() == 2 else None
+    shared.key_mask = None
+    if isinstance(mask, Tensor) and mask.dim() == 4 and cache is not None:  # generate() with a static cache
+        row = mask[:, 0, -1, :]  # (b, slots) what the newest query may see: every real token so far
+        shared.key_mask = row if row.dtype == torch.bool else row > torch.finfo(row.dtype).min / 2
+
+
+def _forget_call(shared: _ModelBinding) -> None:
+    shared.incremental = False
+    shared.attention_mask, shared.cached, shared.key_mask = None, None, None
+
+
 class _ModelPreHook:
     """A call with a kv cache reads the memory without writing it; ``memory_aux_loss=True`` is ours."""
 
@@ -366,24 +402,9 @@ class _ModelPreHook:
         self.shared, self.names = shared, names
 
     def __call__(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict]:
-        if module.training and _checkpointing(module):
-            raise NotImplementedError(
-                "memory_plugins: gradient checkpointing re-runs the attention layers during backward, which would "
-                "read and write the memory a second time; disable it (activation_checkpointing_disable()) while a "
-                "memory is attached (or train with shorter segments instead)."
-            )
-        given = {**dict(zip(self.names, args)), **kwargs}  # by name: model(ids, mask) passes the mask by position
-        cache = given.get("cache", given.get("past_key_values"))
-        self.shared.incremental = cache is not None
-        # a static or sliding-window cache hands the layers another number of keys than it has seen tokens
-        cached = cache.get_seq_length() if cache is not None and hasattr(cache, "get_seq_length") else None
-        self.shared.cached = cached.clone() if isinstance(cached, Tensor) else cached  # a static cache's count moves on
-        mask = given.get("attention_mask")
-        self.shared.attention_mask = mask if isinstance(mask, Tensor) and mask.dim() == 2 else None
-        self.shared.key_mask = None
-        if isinstance(mask, Tensor) and mask.dim() == 4 and cache is not None:  # generate() with a static cache
-            row = mask[:, 0, -1, :]  # (b, slots) what the newest query may see: every real token so far
-            self.shared.key_mask = row if row.dtype == torch.bool else row > torch.finfo(row.dtype).min / 2
+        _refuse_checkpointing(module)
+        _capture(self.shared, self.names, args, kwargs)
+        self.shared.outer = True
         self.shared.aux_this_call = bool(kwargs.pop("memory_aux_loss", False))
         return args, kwargs
 
@@ -397,8 +418,8 @@ class _ModelPostHook:
     def __call__(self, module: nn.Module, args: tuple, kwargs: dict[str, Any], output: Any) -> Any:
         shared = self.shared
         add = shared.aux_in_loss or shared.aux_this_call
-        shared.incremental = shared.aux_this_call = False
-        shared.attention_mask, shared.cached, shared.key_mask = None, None, None
+        _forget_call(shared)
+        shared.aux_this_call = shared.outer = False
         if not add or not self.hooks or output is None:
             return None
         aux = self.hooks[0].controller.aux_loss()
@@ -409,6 +430,42 @@ class _ModelPostHook:
         if getattr(output, "loss", None) is not None:
             output.loss = output.loss + aux.to(output.loss)
         return output
+
+
+class _BackbonePreHook:
+    """The backbone (``model.base_model``, e.g. GPT-2's ``transformer``) called on its own, as for hidden
+    states: its arguments give the mask and cache, and the call is one transaction of the memory, as a
+    call of the model is. Inside the model's own call it does nothing (the model's hooks did it)."""
+
+    def __init__(self, shared: _ModelBinding, names: tuple[str, ...], controller: Any) -> None:
+        self.shared, self.names, self.controller = shared, names, controller
+
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+        if self.shared.outer and self.controller.in_forward:
+            return None
+        _refuse_checkpointing(module)
+        _capture(self.shared, self.names, args, kwargs)
+        self.shared.direct = True
+        self.controller.begin()
+        return None
+
+
+class _BackbonePostHook:
+    """Ends a backbone call made on its own: commits, or, if it raised, keeps nothing it staged."""
+
+    def __init__(self, shared: _ModelBinding, controller: Any) -> None:
+        self.shared, self.controller = shared, controller
+
+    def __call__(self, module: nn.Module, args: tuple, output: Any) -> None:
+        if not self.shared.direct:
+            return None
+        self.shared.direct = False
+        _forget_call(self.shared)
+        if output is None:  # the forward raised (torch calls an always_call hook with no result)
+            self.controller.abort()
+        else:
+            self.controller.commit()
+        return None
 
 
 class _Restore:
@@ -496,6 +553,14 @@ class HFAdapter:
             model.register_forward_pre_hook(_ModelPreHook(shared, _positional_names(model)), with_kwargs=True),
             model.register_forward_hook(_ModelPostHook(shared, hooks), with_kwargs=True, always_call=True),
         ]
+        backbone = getattr(model, "base_model", model)  # GPT-2's transformer, Llama's model; a bare one is model
+        if backbone is not model and isinstance(backbone, nn.Module) and hooks:
+            controller = hooks[0].controller
+            handles += [
+                backbone.register_forward_pre_hook(
+                    _BackbonePreHook(shared, _positional_names(backbone), controller), with_kwargs=True),
+                backbone.register_forward_hook(_BackbonePostHook(shared, controller), always_call=True),
+            ]
         configs = []
         for binding, memory in zip(bindings, hooks):
             binding.hook = memory
