@@ -28,6 +28,7 @@ from .graph_ops import copy_out
 from .interface import AttentionDims, HostAttention, MemoryRead, MemoryState
 
 STATE_FORMAT = 2  # version of the dict memory_state() returns
+MODEL_CALL = "model call"  # the owner of a transaction that the model's own hooks began (MemoryController.begin)
 
 
 class MemoryHook:
@@ -102,6 +103,8 @@ class MemoryController(nn.Module):
         self.staged: dict[int, MemoryState] = {}
         self.reads: dict[int, MemoryRead] = {}
         self.in_forward = False
+        self.owner: object | None = None  # who began the open transaction: MODEL_CALL, or an inner call's hook
+        self.last_index = -1  # the layer stepped last outside any transaction (a new call starts at or below it)
         self.commit_deferred = False  # the wrapper's forward commits once the base model's call has returned
         self.expand_for_generation = False  # inside MemoryModel.generate: beams / sequences read their sample's memory
         self.expanded: dict[int, MemoryState] = {}  # those rows' states, per layer, for one generate() call
@@ -122,10 +125,12 @@ class MemoryController(nn.Module):
         state = self.__dict__.copy()
         state["aux_losses"], state["reads"], state["staged"], state["expanded"] = [], {}, {}, {}
         state["in_forward"] = state["commit_deferred"] = state["expand_for_generation"] = False
+        state["owner"], state["last_index"] = None, -1
         return state
 
     def __setstate__(self, state: dict) -> None:
-        state = {"commit_deferred": False, "expand_for_generation": False, "expanded": {}, **state}  # pickled before 0.2's last fixes
+        state = {"commit_deferred": False, "expand_for_generation": False, "expanded": {}, "owner": None,
+                 "last_index": -1, **state}  # pickled before 0.2's last fixes
         state.setdefault("accepted", {state.get("fingerprint", "")})
         super().__setstate__(state)
 
@@ -148,10 +153,13 @@ class MemoryController(nn.Module):
                 for k, v in state.items()}
 
     # -- transactions ---------------------------------------------------------------------------
-    def begin(self) -> None:
-        """Start a forward: drop whatever an interrupted forward staged, and last forward's reads."""
+    def begin(self, owner: object = None) -> None:
+        """Start a forward: drop whatever an interrupted forward staged, and last forward's reads.
+        ``owner``: who will end it (:data:`MODEL_CALL` for the model's own hooks, see :meth:`enter_inner`)."""
         self.staged, self.reads, self.aux_losses = {}, {}, []
         self.in_forward = True
+        self.owner = owner if owner is not None else MODEL_CALL
+        self.last_index = len(self.backends)  # a layer stepped outside a transaction after this one starts a new call
 
     def commit(self) -> None:
         """The forward returned: every layer's staged state becomes its state, all at once.
@@ -165,12 +173,27 @@ class MemoryController(nn.Module):
                 s = dict(zip(s, copy_out(list(s.values()))))
             self.states[i] = s
         self.staged = {}
-        self.in_forward = False
+        self.in_forward, self.owner = False, None
 
     def abort(self) -> None:
         """The forward failed: nothing it staged is kept, and no read survives it."""
         self.staged, self.reads = {}, {}
-        self.in_forward = False
+        self.in_forward, self.owner = False, None
+
+    def enter_inner(self, owner: object) -> bool:
+        """An inner module that runs every memory layer (an HF backbone, a ViT's blocks) was called: on its
+        own (hidden states, features) its call is one transaction, as a call of the model is; inside the
+        model's call it is part of that one. Returns whether ``owner`` began a transaction (and must end
+        it with :meth:`exit_inner`)."""
+        if self.in_forward and self.owner is MODEL_CALL:
+            return False
+        self.begin(owner)
+        return True
+
+    def exit_inner(self, owner: object, failed: bool) -> None:
+        """End the transaction that ``owner`` began: commit, or keep nothing if its call raised."""
+        if self.in_forward and self.owner is owner:
+            self.abort() if failed else self.commit()
 
     begin_forward = begin  # name of 0.1
 
@@ -199,6 +222,10 @@ class MemoryController(nn.Module):
         state = self._state_for(index, x)
         if getattr(backend, "uses_queries", True) and q is None:
             q = backend.host.project_q(x) if getattr(backend, "host", None) is not None else None
+        if not self.in_forward:  # layers called one by one, outside any transaction: a new call starts
+            if index <= self.last_index:  # at or below the layer stepped last (its aux losses replace the last call's)
+                self.aux_losses = []
+            self.last_index = index
         read, new_state = backend.step(state, x, q, valid)
         if read.aux_loss is not None:
             self.aux_losses.append(read.aux_loss)

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from .config import MemoryConfig
 from .controller import MemoryController, MemoryHook
+from .splice import call_failed
 from .registry import create_backend, create_config, get_spec
 
 MEMORY_WEIGHTS = "memory.safetensors"
@@ -43,7 +44,7 @@ class MemoryModel(nn.Module):
         self.adapter_name = adapter
         self._remove_hooks = remove_hooks
         self._pre_hook = model.register_forward_pre_hook(_BeginForward(memory))
-        self._post_hook = model.register_forward_hook(_CommitForward(memory))
+        self._post_hook = model.register_forward_hook(_CommitForward(memory), always_call=True)
         # Base-model keys stay as they were: strip / restore the "model." level around state_dict().
         self._hooks = [
             self.register_state_dict_post_hook(_strip_base_prefix),
@@ -273,13 +274,18 @@ class _BeginForward:
 
 
 class _CommitForward:
-    """Forward hook on the base model: the forward returned, so every layer's new state is committed."""
+    """Forward hook on the base model (``always_call``): the forward returned, so every layer's new state
+    is committed; it raised, so nothing it staged is kept."""
 
     def __init__(self, memory: MemoryController) -> None:
         self.memory = memory
 
     def __call__(self, module: nn.Module, args: Any, output: Any) -> None:
-        if not self.memory.commit_deferred:  # called through the wrapper, which commits after every hook
+        if self.memory.commit_deferred:  # called through the wrapper, which commits (or aborts) after every hook
+            return
+        if call_failed(output):
+            self.memory.abort()
+        else:
             self.memory.commit()
 
 

@@ -21,10 +21,11 @@ how they rotate) plus these steps, which are the same for every host:
 
 from __future__ import annotations
 
+import sys
 from typing import Any, Callable
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 
 def repeat_kv(t: Tensor, num_heads: int, layout: str = "interleave") -> Tensor:
@@ -87,6 +88,35 @@ def mix_heads(attn: Tensor, read: Any, valid: Tensor | None = None) -> Tensor:
     if valid is not None:
         gate = gate * valid[:, None, :, None].to(attn.dtype)  # (b, h, n, 1)
     return attn + gate * (extra - attn)  # (b, h, n, d)
+
+
+def call_failed(output: Any) -> bool:
+    """In a forward hook registered with ``always_call=True``: whether the forward raised (torch then
+    calls the hook with no output, while handling the exception)."""
+    return output is None and sys.exc_info()[0] is not None
+
+
+class InnerCallBegin:
+    """Forward pre-hook on a module that runs every memory layer (an HF backbone, a ViT's ``blocks``):
+    called on its own, its call is one transaction of the memory (:meth:`MemoryController.enter_inner`).
+    An object, not a closure, so that ``copy.deepcopy`` of a wrapped model hooks the copy's controller."""
+
+    def __init__(self, controller: Any) -> None:
+        self.controller = controller
+
+    def __call__(self, module: nn.Module, *args: Any) -> None:
+        self.controller.enter_inner(self)
+
+
+class InnerCallEnd:
+    """The forward hook (``always_call=True``) paired with an :class:`InnerCallBegin`: commits the
+    transaction its call began, or keeps nothing if the call raised."""
+
+    def __init__(self, begin: InnerCallBegin) -> None:
+        self.begin = begin
+
+    def __call__(self, module: nn.Module, args: Any, *rest: Any) -> None:
+        self.begin.controller.exit_inner(self.begin, call_failed(rest[-1]))
 
 
 class Handles:

@@ -257,3 +257,73 @@ def test_vision_task_puts_the_label_only_in_the_first_frame() -> None:
     assert not bool((x[1] == x[1, :1]).all())  # distractors vary
     lo, hi = wilson(50, 100)
     assert lo < 0.5 < hi and hi - lo < 0.2
+
+
+def _states_equal(a: dict, b: dict) -> bool:
+    a, b = a["layers"], b["layers"]
+    return a.keys() == b.keys() and all(
+        (a[k] is None) == (b[k] is None)
+        and (a[k] is None or (a[k].keys() == b[k].keys() and all(torch.equal(a[k][s], b[k][s]) for s in a[k])))
+        for k in a)
+
+
+@pytest.mark.parametrize("name", MEMORIES)
+def test_forward_features_is_a_segment_like_a_call_of_the_model(name: str) -> None:
+    """``forward_features`` (features for the user's own head) writes what a call of the model writes and
+    keeps the aux loss of its own call only (before, each call added its aux losses to the last ones')."""
+    through_model = _wrapped(name, _vit()).train()
+    through_features = copy.deepcopy(through_model)
+    for frame in _frames(3):  # frames 2 and 3 read what the earlier ones wrote
+        logits = through_model(frame)  # (b, classes)
+        features = through_features.model.forward_features(frame)  # (b, n, e)
+        assert torch.equal(through_features.model.forward_head(features), logits)
+        assert torch.equal(through_features.memory_aux_loss(), through_model.memory_aux_loss())
+    assert _states_equal(through_features.memory_state(), through_model.memory_state())
+
+
+@pytest.mark.parametrize("name", MEMORIES)
+def test_a_forward_features_call_that_fails_changes_no_memory(name: str) -> None:
+    wrapped = _wrapped(name, _vit())
+    frames = _frames(2)
+    with torch.no_grad():
+        wrapped.model.forward_features(frames[0])
+        before = copy.deepcopy(wrapped.memory_state())
+        handle = wrapped.model.blocks[-1].register_forward_hook(lambda *_: (_ for _ in ()).throw(RuntimeError("boom")))
+        with pytest.raises(RuntimeError, match="boom"):
+            wrapped.model.forward_features(frames[1])
+        handle.remove()
+    assert _states_equal(wrapped.memory_state(), before)
+
+
+@pytest.mark.parametrize("name", MEMORIES)
+def test_blocks_run_one_by_one_keep_the_aux_loss_of_their_own_call(name: str) -> None:
+    """With an ``attn_mask`` timm's ``forward_features`` runs the blocks one by one, so no module call
+    spans them: a layer stepped again (at or below the last one stepped) starts a new call, whose aux
+    losses replace the last call's instead of adding to them."""
+    through_model = _wrapped(name, _vit()).train()
+    one_by_one = copy.deepcopy(through_model)
+    n = one_by_one.model.patch_embed.num_patches + one_by_one.model.num_prefix_tokens
+    mask = torch.ones(2, 1, n, n, dtype=torch.bool)  # every key real: the same frame as without a mask
+    for frame in _frames(3):
+        through_model(frame, attn_mask=mask)
+        one_by_one.model.forward_features(frame, attn_mask=mask)
+        assert len(one_by_one.memory.aux_losses) == len(through_model.memory.aux_losses)
+        torch.testing.assert_close(one_by_one.memory_aux_loss(), through_model.memory_aux_loss())
+    assert _states_equal(one_by_one.memory_state(), through_model.memory_state())
+
+
+def test_forward_features_after_a_failed_call_of_the_model_still_writes() -> None:
+    """A direct call of the base model that raised leaves no open transaction behind (its commit hook
+    runs on failure too, and keeps nothing), so a later ``forward_features`` is a segment of its own."""
+    wrapped = _wrapped("xl", _vit())
+    clean = copy.deepcopy(wrapped)
+    frame = _frames(1)[0]
+    with torch.no_grad():
+        handle = wrapped.model.blocks[-1].register_forward_hook(lambda *_: (_ for _ in ()).throw(RuntimeError("boom")))
+        with pytest.raises(RuntimeError, match="boom"):
+            wrapped.model(frame)
+        handle.remove()
+        assert not wrapped.memory.in_forward and not wrapped.memory.staged
+        wrapped.model.forward_features(frame)
+        clean.model.forward_features(frame)
+    assert _states_equal(wrapped.memory_state(), clean.memory_state())

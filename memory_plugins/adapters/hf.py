@@ -59,10 +59,10 @@ from torch import Tensor, nn
 from transformers import AttentionInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from memory_plugins.controller import MemoryHook
+from memory_plugins.controller import MODEL_CALL, MemoryHook
 from memory_plugins.interface import AttentionDims, HostAttention
 from memory_plugins.model import MEMORY_CONFIG, MEMORY_STATE, MEMORY_WEIGHTS, MemoryModel  # noqa: F401
-from memory_plugins.splice import Handles, add_output, first_valid, memory_positions, mix_heads, repeat_kv
+from memory_plugins.splice import Handles, InnerCallBegin, InnerCallEnd, add_output, first_valid, memory_positions, mix_heads, repeat_kv
 
 from . import Target
 from .protocol import select
@@ -151,8 +151,6 @@ class _ModelBinding:
     key_mask: Tensor | None = None  # (b, slots) real tokens among a static cache's slots, from a 4-D mask
     aux_in_loss: bool = False  # add the memory aux loss to output.loss (include_memory_aux_loss)
     aux_this_call: bool = False  # memory_aux_loss=True in the current call
-    outer: bool = False  # inside a call of the model (its pre-hook ran, its post-hook not yet)
-    direct: bool = False  # inside a call of the backbone on its own (see _BackbonePreHook)
     warned: bool = False
 
 
@@ -404,7 +402,6 @@ class _ModelPreHook:
     def __call__(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict]:
         _refuse_checkpointing(module)
         _capture(self.shared, self.names, args, kwargs)
-        self.shared.outer = True
         self.shared.aux_this_call = bool(kwargs.pop("memory_aux_loss", False))
         return args, kwargs
 
@@ -419,7 +416,7 @@ class _ModelPostHook:
         shared = self.shared
         add = shared.aux_in_loss or shared.aux_this_call
         _forget_call(shared)
-        shared.aux_this_call = shared.outer = False
+        shared.aux_this_call = False
         if not add or not self.hooks or output is None:
             return None
         aux = self.hooks[0].controller.aux_loss()
@@ -432,40 +429,31 @@ class _ModelPostHook:
         return output
 
 
-class _BackbonePreHook:
+class _BackbonePreHook(InnerCallBegin):
     """The backbone (``model.base_model``, e.g. GPT-2's ``transformer``) called on its own, as for hidden
-    states: its arguments give the mask and cache, and the call is one transaction of the memory, as a
-    call of the model is. Inside the model's own call it does nothing (the model's hooks did it)."""
+    states: one transaction of the memory (:class:`InnerCallBegin`), and its own arguments give the
+    mask and cache. Inside the model's own call it does nothing (the model's hooks did it)."""
 
     def __init__(self, shared: _ModelBinding, names: tuple[str, ...], controller: Any) -> None:
-        self.shared, self.names, self.controller = shared, names, controller
+        super().__init__(controller)
+        self.shared, self.names = shared, names
 
-    def __call__(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
-        if self.shared.outer and self.controller.in_forward:
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:  # type: ignore[override]
+        if self.controller.in_forward and self.controller.owner is MODEL_CALL:
             return None
         _refuse_checkpointing(module)
         _capture(self.shared, self.names, args, kwargs)
-        self.shared.direct = True
-        self.controller.begin()
+        self.controller.enter_inner(self)
         return None
 
 
-class _BackbonePostHook:
-    """Ends a backbone call made on its own: commits, or, if it raised, keeps nothing it staged."""
+class _BackbonePostHook(InnerCallEnd):
+    """Ends a backbone call made on its own: forgets its arguments, commits (nothing kept if it raised)."""
 
-    def __init__(self, shared: _ModelBinding, controller: Any) -> None:
-        self.shared, self.controller = shared, controller
-
-    def __call__(self, module: nn.Module, args: tuple, output: Any) -> None:
-        if not self.shared.direct:
-            return None
-        self.shared.direct = False
-        _forget_call(self.shared)
-        if output is None:  # the forward raised (torch calls an always_call hook with no result)
-            self.controller.abort()
-        else:
-            self.controller.commit()
-        return None
+    def __call__(self, module: nn.Module, args: tuple, *rest: Any) -> None:
+        if self.begin.controller.owner is self.begin:
+            _forget_call(self.begin.shared)  # type: ignore[attr-defined]
+        super().__call__(module, args, *rest)
 
 
 class _Restore:
@@ -555,12 +543,9 @@ class HFAdapter:
         ]
         backbone = getattr(model, "base_model", model)  # GPT-2's transformer, Llama's model; a bare one is model
         if backbone is not model and isinstance(backbone, nn.Module) and hooks:
-            controller = hooks[0].controller
-            handles += [
-                backbone.register_forward_pre_hook(
-                    _BackbonePreHook(shared, _positional_names(backbone), controller), with_kwargs=True),
-                backbone.register_forward_hook(_BackbonePostHook(shared, controller), always_call=True),
-            ]
+            begin = _BackbonePreHook(shared, _positional_names(backbone), hooks[0].controller)
+            handles += [backbone.register_forward_pre_hook(begin, with_kwargs=True),
+                        backbone.register_forward_hook(_BackbonePostHook(begin), always_call=True)]
         configs = []
         for binding, memory in zip(bindings, hooks):
             binding.hook = memory

@@ -22,6 +22,11 @@ such module gets
 * a forward hook that drops those m rows again and adds the memory's ``output`` (the ∞-former's
   long-term term, Eq. 12) to the module output, before the block's LayerScale / residual.
 
+``model.blocks`` gets a pre-hook / hook pair too: ``forward_features()`` (features for the caller's own
+head) runs the blocks without ``forward()``, and such a call is then one transaction of the memory, as a
+call of the model is. With an ``attn_mask`` timm runs the blocks one by one; that call is not atomic,
+but its aux losses still replace the last call's (:meth:`MemoryController.step`).
+
 Within a frame attention stays as the host defines it (bidirectional, or the caller's ``attn_mask`` /
 ``is_causal``); every frame token sees every valid memory slot; memory holds earlier frames only.
 
@@ -58,7 +63,7 @@ from timm.models.vision_transformer import VisionTransformer
 
 from memory_plugins.controller import MemoryHook
 from memory_plugins.interface import AttentionDims, HostAttention
-from memory_plugins.splice import Handles, add_output, mix_heads
+from memory_plugins.splice import Handles, InnerCallBegin, InnerCallEnd, add_output, mix_heads
 
 from . import Target
 from .protocol import select
@@ -335,6 +340,10 @@ class TimmViTAdapter:
     def attach(self, model: nn.Module, targets: list[Target], hooks: list[MemoryHook]) -> Callable[[], None]:
         layers = [self._layers[t.name] for t in targets]
         handles = [model.register_forward_pre_hook(_ImageCheck(model), with_kwargs=True)]
+        if hooks and isinstance(model.blocks, nn.Module):  # forward_features() runs them without forward()
+            begin = InnerCallBegin(hooks[0].controller)
+            handles += [model.blocks.register_forward_pre_hook(begin),
+                        model.blocks.register_forward_hook(InnerCallEnd(begin), always_call=True)]
         for layer, memory in zip(layers, hooks):
             layer.hook = memory
             module = layer.target.module
