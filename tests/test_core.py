@@ -444,3 +444,46 @@ def test_save_pretrained_on_the_wrapped_model_includes_the_memory(host_name: str
     loaded = mp.MemoryModel.from_pretrained(base.eval(), tmp_path).eval()
     with torch.no_grad():
         assert torch.equal(host.run(loaded, seg, None), host.run(model, seg, None))
+
+
+_INNER: dict[str, Callable[[nn.Module], nn.Module]] = {  # a module that runs every memory layer, callable alone
+    "x_transformers": lambda base: base.attn_layers,
+    "hf-gpt2": lambda base: base.base_model,
+    "hf-llama": lambda base: base.base_model,
+}
+
+
+def _inner_input(host_name: str, base: nn.Module, tokens: Tensor) -> Tensor:
+    """What the inner module takes: token embeddings (x-transformers' layers), else the ids (HF backbones)."""
+    return base.token_emb(tokens) if host_name == "x_transformers" else tokens  # (b, n, e) or (b, n)
+
+
+@pytest.mark.parametrize("memory", MEMORIES)
+@pytest.mark.parametrize("host_name", list(_INNER))
+def test_an_inner_call_on_its_own_is_one_transaction(host_name: str, memory: str) -> None:
+    """The layer stack / backbone called without the model around it (hidden states for one's own head):
+    a failure in its second memory layer keeps nothing its first one staged; a call that returns commits
+    every layer; and the aux losses are those of the last call only."""
+    host = HOSTS[host_name]()
+    model = _wrapped(memory, host).train()
+    inner = _INNER[host_name](model.model)
+    segs = _segments(torch.randint(2, V, (2, 3 * N)))
+    inner(_inner_input(host_name, model.model, segs[0]))
+    reference = copy.deepcopy(model)
+    torch.manual_seed(1)  # the same dropout draws (GPT-2 trains with dropout) in both calls
+    inner(_inner_input(host_name, model.model, segs[1]))
+    torch.manual_seed(1)
+    host.run(reference, segs[1], None)  # the model around it, on the same segment
+    torch.testing.assert_close(model.memory_aux_loss(), reference.memory_aux_loss())  # replaced, not piled up
+    before = copy.deepcopy(model.memory_state())
+    assert all(state is not None for state in before["layers"].values())  # every layer was written
+
+    def boom(*args: Any, **kwargs: Any) -> None:
+        raise _Boom("inside the second memory layer")
+
+    handle = host.attention(model.model).register_forward_pre_hook(boom)
+    with pytest.raises(_Boom):
+        inner(_inner_input(host_name, model.model, segs[2]))
+    handle.remove()
+    assert _states_equal(before, model.memory_state())
+    assert not model.memory.in_forward and not model.memory.staged

@@ -50,8 +50,8 @@ from torch import Tensor, nn
 import x_transformers.x_transformers as xt
 from memory_plugins.controller import MemoryHook
 from memory_plugins.interface import AttentionDims, HostAttention
-from memory_plugins.splice import (Handles, add_output, first_valid, memory_key_mask, memory_positions, mix_heads,
-                                   repeat_kv)
+from memory_plugins.splice import (Handles, InnerCallBegin, InnerCallEnd, add_output, first_valid, memory_key_mask,
+                                   memory_positions, mix_heads, repeat_kv)
 
 from . import Target
 from .protocol import select
@@ -389,6 +389,12 @@ class XTransformersAdapter:
             for stack_name, stack, calls in self._stacks
             if id(calls) in used
         ]
+        if hooks:  # a stack called on its own (embeddings in, hidden states out) is one transaction
+            for _, stack, calls in self._stacks:
+                if id(calls) in used:
+                    begin = InnerCallBegin(hooks[0].controller)
+                    handles += [stack.register_forward_pre_hook(begin),
+                                stack.register_forward_hook(InnerCallEnd(begin), always_call=True)]
         for layer, memory in zip(layers, hooks):
             layer.hook = memory
             module = layer.target.module
