@@ -102,8 +102,7 @@ class MemoryController(nn.Module):
         self.states: list[MemoryState | None] = [None] * len(backends)  # committed
         self.staged: dict[int, MemoryState] = {}
         self.reads: dict[int, MemoryRead] = {}
-        self.in_forward = False
-        self.owner: object | None = None  # who began the open transaction: MODEL_CALL, or an inner call's hook
+        self.owner: object | None = None  # who began the open transaction (MODEL_CALL, or an inner call's hook); None: none
         self.last_index = -1  # the layer stepped last outside any transaction (a new call starts at or below it)
         self.commit_deferred = False  # the wrapper's forward commits once the base model's call has returned
         self.expand_for_generation = False  # inside MemoryModel.generate: beams / sequences read their sample's memory
@@ -124,7 +123,7 @@ class MemoryController(nn.Module):
         # pickle refuse; they belong to that forward only, so a copy starts without them.
         state = self.__dict__.copy()
         state["aux_losses"], state["reads"], state["staged"], state["expanded"] = [], {}, {}, {}
-        state["in_forward"] = state["commit_deferred"] = state["expand_for_generation"] = False
+        state["commit_deferred"] = state["expand_for_generation"] = False
         state["owner"], state["last_index"] = None, -1
         return state
 
@@ -132,6 +131,7 @@ class MemoryController(nn.Module):
         state = {"commit_deferred": False, "expand_for_generation": False, "expanded": {}, "owner": None,
                  "last_index": -1, **state}  # pickled before 0.2's last fixes
         state.setdefault("accepted", {state.get("fingerprint", "")})
+        state.pop("in_forward", None)  # pickled before 0.3: now derived from owner
         super().__setstate__(state)
 
     def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> "MemoryController":
@@ -153,12 +153,16 @@ class MemoryController(nn.Module):
                 for k, v in state.items()}
 
     # -- transactions ---------------------------------------------------------------------------
-    def begin(self, owner: object = None) -> None:
+    @property
+    def in_forward(self) -> bool:
+        """Whether a transaction is open (a forward has begun and not yet committed or aborted)."""
+        return self.owner is not None
+
+    def begin(self, owner: object = MODEL_CALL) -> None:
         """Start a forward: drop whatever an interrupted forward staged, and last forward's reads.
         ``owner``: who will end it (:data:`MODEL_CALL` for the model's own hooks, see :meth:`enter_inner`)."""
         self.staged, self.reads, self.aux_losses = {}, {}, []
-        self.in_forward = True
-        self.owner = owner if owner is not None else MODEL_CALL
+        self.owner = owner
         self.last_index = len(self.backends)  # a layer stepped outside a transaction after this one starts a new call
 
     def commit(self) -> None:
@@ -173,26 +177,26 @@ class MemoryController(nn.Module):
                 s = dict(zip(s, copy_out(list(s.values()))))
             self.states[i] = s
         self.staged = {}
-        self.in_forward, self.owner = False, None
+        self.owner = None
 
     def abort(self) -> None:
         """The forward failed: nothing it staged is kept, and no read survives it."""
         self.staged, self.reads = {}, {}
-        self.in_forward, self.owner = False, None
+        self.owner = None
 
     def enter_inner(self, owner: object) -> bool:
         """An inner module that runs every memory layer (an HF backbone, a ViT's blocks) was called: on its
         own (hidden states, features) its call is one transaction, as a call of the model is; inside the
         model's call it is part of that one. Returns whether ``owner`` began a transaction (and must end
         it with :meth:`exit_inner`)."""
-        if self.in_forward and self.owner is MODEL_CALL:
+        if self.owner is MODEL_CALL:
             return False
         self.begin(owner)
         return True
 
     def exit_inner(self, owner: object, failed: bool) -> None:
         """End the transaction that ``owner`` began: commit, or keep nothing if its call raised."""
-        if self.in_forward and self.owner is owner:
+        if self.owner is owner:
             self.abort() if failed else self.commit()
 
     begin_forward = begin  # name of 0.1

@@ -21,8 +21,8 @@ from torch import Tensor, nn
 
 from .config import MemoryConfig
 from .controller import MemoryController, MemoryHook
-from .splice import call_failed
 from .registry import create_backend, create_config, get_spec
+from .splice import call_failed
 
 MEMORY_WEIGHTS = "memory.safetensors"
 MEMORY_CONFIG = "memory_config.json"

@@ -59,10 +59,11 @@ from torch import Tensor, nn
 from transformers import AttentionInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from memory_plugins.controller import MODEL_CALL, MemoryHook
+from memory_plugins.controller import MemoryHook
 from memory_plugins.interface import AttentionDims, HostAttention
 from memory_plugins.model import MEMORY_CONFIG, MEMORY_STATE, MEMORY_WEIGHTS, MemoryModel  # noqa: F401
-from memory_plugins.splice import Handles, InnerCallBegin, InnerCallEnd, add_output, first_valid, memory_positions, mix_heads, repeat_kv
+from memory_plugins.splice import (Handles, InnerCallBegin, InnerCallEnd, add_output, first_valid, memory_positions,
+                                   mix_heads, repeat_kv)
 
 from . import Target
 from .protocol import select
@@ -439,20 +440,17 @@ class _BackbonePreHook(InnerCallBegin):
         self.shared, self.names = shared, names
 
     def __call__(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:  # type: ignore[override]
-        if self.controller.in_forward and self.controller.owner is MODEL_CALL:
-            return None
-        _refuse_checkpointing(module)
-        _capture(self.shared, self.names, args, kwargs)
-        self.controller.enter_inner(self)
-        return None
+        if self.controller.enter_inner(self):  # on its own, not inside the model's call
+            _refuse_checkpointing(module)
+            _capture(self.shared, self.names, args, kwargs)
 
 
 class _BackbonePostHook(InnerCallEnd):
-    """Ends a backbone call made on its own: forgets its arguments, commits (nothing kept if it raised)."""
+    """Ends a backbone call made on its own: commits (nothing kept if it raised). Its arguments are
+    forgotten in any case: every memory layer of the call has run."""
 
     def __call__(self, module: nn.Module, args: tuple, *rest: Any) -> None:
-        if self.begin.controller.owner is self.begin:
-            _forget_call(self.begin.shared)  # type: ignore[attr-defined]
+        _forget_call(self.begin.shared)  # type: ignore[attr-defined]
         super().__call__(module, args, *rest)
 
 

@@ -384,17 +384,13 @@ class XTransformersAdapter:
     def attach(self, model: nn.Module, targets: list[Target], hooks: list[MemoryHook]) -> Callable[[], None]:
         layers = [self._layers[t.name] for t in targets]
         used = {id(layer.calls) for layer in layers}
-        handles = [
-            stack.register_forward_pre_hook(_StackPreHook(calls, stack_name), with_kwargs=True)
-            for stack_name, stack, calls in self._stacks
-            if id(calls) in used
-        ]
-        if hooks:  # a stack called on its own (embeddings in, hidden states out) is one transaction
-            for _, stack, calls in self._stacks:
-                if id(calls) in used:
-                    begin = InnerCallBegin(hooks[0].controller)
-                    handles += [stack.register_forward_pre_hook(begin),
-                                stack.register_forward_hook(InnerCallEnd(begin), always_call=True)]
+        handles = []
+        for stack_name, stack, calls in self._stacks:
+            if id(calls) in used:  # a stack called on its own (embeddings in, hidden states out) is one transaction
+                begin = InnerCallBegin(hooks[0].controller)
+                handles += [stack.register_forward_pre_hook(_StackPreHook(calls, stack_name), with_kwargs=True),
+                            stack.register_forward_pre_hook(begin),
+                            stack.register_forward_hook(InnerCallEnd(begin), always_call=True)]
         for layer, memory in zip(layers, hooks):
             layer.hook = memory
             module = layer.target.module
