@@ -59,6 +59,16 @@ def make_generator(seed: int) -> torch.Generator:
     return torch.Generator(device=DEVICE).manual_seed(seed)
 
 
+def states_equal(a: dict, b: dict) -> bool:
+    """Two ``memory_state()`` results hold the same layers, keys and tensors, bit for bit (a layer never
+    written is None in both)."""
+    a, b = a["layers"], b["layers"]
+    return a.keys() == b.keys() and all(
+        (a[k] is None) == (b[k] is None)
+        and (a[k] is None or (a[k].keys() == b[k].keys() and all(torch.equal(a[k][s], b[k][s]) for s in a[k])))
+        for k in a)
+
+
 # Small options per registered memory, so that the registry-wide invariants run fast on 2 CPU cores.
 # A backend added to the registry must add its entry here (the invariant tests fail loudly otherwise).
 SMALL_OPTIONS: dict[str, dict] = {

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 import memory_plugins as mp
 
-from .conftest import SMALL_OPTIONS
+from .conftest import SMALL_OPTIONS, states_equal
 
 with warnings.catch_warnings():  # torchvision's optional image extension may be missing; timm does not use it
     warnings.simplefilter("ignore", UserWarning)
@@ -259,14 +259,6 @@ def test_vision_task_puts_the_label_only_in_the_first_frame() -> None:
     assert lo < 0.5 < hi and hi - lo < 0.2
 
 
-def _states_equal(a: dict, b: dict) -> bool:
-    a, b = a["layers"], b["layers"]
-    return a.keys() == b.keys() and all(
-        (a[k] is None) == (b[k] is None)
-        and (a[k] is None or (a[k].keys() == b[k].keys() and all(torch.equal(a[k][s], b[k][s]) for s in a[k])))
-        for k in a)
-
-
 @pytest.mark.parametrize("name", MEMORIES)
 def test_forward_features_is_a_segment_like_a_call_of_the_model(name: str) -> None:
     """``forward_features`` (features for the user's own head) writes what a call of the model writes and
@@ -278,7 +270,7 @@ def test_forward_features_is_a_segment_like_a_call_of_the_model(name: str) -> No
         features = through_features.model.forward_features(frame)  # (b, n, e)
         assert torch.equal(through_features.model.forward_head(features), logits)
         assert torch.equal(through_features.memory_aux_loss(), through_model.memory_aux_loss())
-    assert _states_equal(through_features.memory_state(), through_model.memory_state())
+    assert states_equal(through_features.memory_state(), through_model.memory_state())
 
 
 @pytest.mark.parametrize("name", MEMORIES)
@@ -292,7 +284,7 @@ def test_a_forward_features_call_that_fails_changes_no_memory(name: str) -> None
         with pytest.raises(RuntimeError, match="boom"):
             wrapped.model.forward_features(frames[1])
         handle.remove()
-    assert _states_equal(wrapped.memory_state(), before)
+    assert states_equal(wrapped.memory_state(), before)
 
 
 @pytest.mark.parametrize("name", MEMORIES)
@@ -309,7 +301,7 @@ def test_blocks_run_one_by_one_keep_the_aux_loss_of_their_own_call(name: str) ->
         one_by_one.model.forward_features(frame, attn_mask=mask)
         assert len(one_by_one.memory.aux_losses) == len(through_model.memory.aux_losses)
         torch.testing.assert_close(one_by_one.memory_aux_loss(), through_model.memory_aux_loss())
-    assert _states_equal(one_by_one.memory_state(), through_model.memory_state())
+    assert states_equal(one_by_one.memory_state(), through_model.memory_state())
 
 
 def test_forward_features_after_a_failed_call_of_the_model_still_writes() -> None:
@@ -326,4 +318,4 @@ def test_forward_features_after_a_failed_call_of_the_model_still_writes() -> Non
         assert not wrapped.memory.in_forward and not wrapped.memory.staged
         wrapped.model.forward_features(frame)
         clean.model.forward_features(frame)
-    assert _states_equal(wrapped.memory_state(), clean.memory_state())
+    assert states_equal(wrapped.memory_state(), clean.memory_state())

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 import memory_plugins as mp
 from memory_plugins.models import ReferenceDecoder
 
-from .conftest import SMALL_OPTIONS, make_generator
+from .conftest import SMALL_OPTIONS, make_generator, states_equal
 
 MEMORIES = mp.list_memories()
 V, N = 37, 8
@@ -109,13 +109,6 @@ def _segments(x: Tensor) -> list[Tensor]:
     return [x[:, s : s + N] for s in range(0, x.shape[1], N)]
 
 
-def _states_equal(before: dict, after: dict) -> bool:
-    """Two ``memory_state()`` results hold the same layers, keys and tensors, bit for bit."""
-    return before["layers"].keys() == after["layers"].keys() and all(
-        state.keys() == after["layers"][layer].keys() and all(torch.equal(state[k], after["layers"][layer][k]) for k in state)
-        for layer, state in before["layers"].items())
-
-
 # -- padding -----------------------------------------------------------------------------------------
 @pytest.mark.parametrize("side", ["left", "right"])
 @pytest.mark.parametrize("memory", MEMORIES)
@@ -171,7 +164,7 @@ def test_a_failed_forward_changes_nothing_and_a_retry_equals_a_clean_run(host_na
         with pytest.raises(error):
             host.run(model, segs[3], None)
         handle.remove()
-        assert _states_equal(before, model.memory_state())
+        assert states_equal(before, model.memory_state())
         assert not model.memory.reads and not model.memory.staged  # no stale read survives the failure
         for seg in segs[3:]:  # the retry and what follows equal the run that never failed
             assert torch.equal(host.run(model, seg, None), host.run(clean, seg, None))
@@ -199,7 +192,7 @@ def test_a_hook_put_on_the_base_model_after_wrapping_that_fails_changes_nothing(
         with pytest.raises(error):
             model(segs[2])
         handle.remove()
-        assert _states_equal(before, model.memory_state())
+        assert states_equal(before, model.memory_state())
         for seg in segs[2:]:  # the retry equals the run that never failed
             assert torch.equal(model(seg), clean(seg))
 
@@ -217,7 +210,7 @@ def test_activation_checkpointing_of_memory_layers_is_refused_and_changes_nothin
     after_forward = model.memory_state()
     with pytest.raises(NotImplementedError, match="activation checkpointing"):
         out.float().pow(2).mean().backward()
-    assert _states_equal(after_forward, model.memory_state())
+    assert states_equal(after_forward, model.memory_state())
 
 
 @pytest.mark.parametrize("memory", MEMORIES)
@@ -231,7 +224,7 @@ def test_an_empty_segment_is_the_base_models_and_leaves_the_stream_as_it_was(mem
         before = model.memory_state()
         empty = host.run(model, segs[1][:, :0], None)
         assert empty.shape[:2] == (2, 0)
-        assert _states_equal(before, model.memory_state())
+        assert states_equal(before, model.memory_state())
         for seg in segs[1:]:
             assert torch.equal(host.run(model, seg, None), host.run(clean, seg, None))
 
@@ -297,7 +290,7 @@ def test_set_memory_state_refuses_what_does_not_fit_and_names_it(memory: str) ->
             continue
         with pytest.raises(ValueError, match=message):
             model.set_memory_state(state)
-        assert _states_equal(before, model.memory_state()), name  # a refused state changes nothing
+        assert states_equal(before, model.memory_state()), name  # a refused state changes nothing
     model.set_memory_state(edited(lambda s: s.__setitem__("fingerprint", "0" * 16)), strict=False)
 
 
@@ -396,7 +389,7 @@ def test_hf_generate_never_writes_the_memory_unless_asked(use_cache: bool) -> No
     before = model.memory_state()
     prompt = torch.randint(2, V, (2, 4))
     out = model.generate(prompt, max_new_tokens=5, do_sample=False, use_cache=use_cache, pad_token_id=1)
-    assert _states_equal(before, model.memory_state())
+    assert states_equal(before, model.memory_state())
     model.generate(prompt, max_new_tokens=5, do_sample=False, use_cache=use_cache, pad_token_id=1, write_memory=True)
     held = model.memory_state()["layers"]["transformer.h.0.attn"]["mem"].shape[1]
     assert held == min(N + out.shape[1], SMALL_OPTIONS["xl"]["mem_len"])  # the sequence, written once
@@ -485,5 +478,5 @@ def test_an_inner_call_on_its_own_is_one_transaction(host_name: str, memory: str
     with pytest.raises(_Boom):
         inner(_inner_input(host_name, model.model, segs[2]))
     handle.remove()
-    assert _states_equal(before, model.memory_state())
+    assert states_equal(before, model.memory_state())
     assert not model.memory.in_forward and not model.memory.staged
